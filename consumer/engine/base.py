@@ -1,0 +1,61 @@
+"""The model behind a small interface: load, warm up, generate a batch.
+
+The pipeline only sees `Engine`; a different backend (vLLM on GPUs, say) is another class with the
+same three methods.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One image and the instruction to apply to it."""
+
+    image: Image.Image
+    prompt: str
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What the model said about one image."""
+
+    text: str
+    output_tokens: int
+
+
+@dataclass
+class EngineInfo:
+    """What /health, the metrics and every result's metadata report about the loaded model."""
+
+    model: str
+    adapter: str | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    backend: str = "transformers"
+    model_load_time: float | None = None
+    warmup_time: float | None = None
+    model_loaded: bool = False
+    processor_loaded: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+class Engine(Protocol):
+    info: EngineInfo
+
+    def load(self) -> None:
+        """Load weights and processor; raise `EngineLoadError` with the cause if that fails."""
+
+    def warm_up(self) -> None:
+        """Run one generation so the first real batch does not pay for lazy initialisation."""
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+        """Describe every image in one batch; results come back in request order."""
+
+
+class EngineLoadError(RuntimeError):
+    """The model or its adapter cannot be loaded: the service must not start."""

@@ -1,0 +1,222 @@
+"""Qwen3-VL + LoRA through transformers and peft: the engine the service runs.
+
+Load once: base model from BASE_MODEL_ID (hub id or local directory), the LoRA adapter from
+ADAPTER_PATH merged into the weights (no per-token adapter cost), the processor from the adapter
+directory where it carries one (the old service did this), else from the base model. Generation is
+greedy and batched with left padding, which gives the same text as one image at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+from PIL import Image
+
+from consumer.engine.base import EngineInfo, EngineLoadError, Generation, GenerationRequest
+from consumer.engine.device import dtype_name, resolve_device, resolve_dtype
+
+if TYPE_CHECKING:
+    from consumer.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_FILES = ("adapter_config.json",)
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+
+
+def adapter_present(adapter_path: Path) -> bool:
+    return all((adapter_path / name).is_file() for name in ADAPTER_FILES)
+
+
+def check_adapter_keys(peft_model, adapter_path: Path) -> None:
+    """Refuse an adapter whose weights do not land on the model (peft only warns, then does nothing)."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors import safe_open
+
+    weights = adapter_path / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise EngineLoadError(f"adapter at {adapter_path} has no adapter_model.safetensors")
+    with safe_open(str(weights), framework="pt") as handle:
+        saved = set(handle.keys())
+    expected = set(get_peft_model_state_dict(peft_model).keys())
+    missing, unexpected = expected - saved, saved - expected
+    if missing or unexpected:
+        sample = sorted(missing or unexpected)[:3]
+        raise EngineLoadError(
+            f"adapter at {adapter_path} does not fit {peft_model.base_model.model.__class__.__name__}: "
+            f"{len(missing)} adapter weights missing, {len(unexpected)} unexpected (e.g. {sample}); "
+            "it was probably trained against another model or module layout"
+        )
+
+
+class QwenVLEngine:
+    """Qwen3-VL (any AutoModelForImageTextToText checkpoint) with an optional merged LoRA adapter."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.info = EngineInfo(model=settings.base_model_id)
+        self.model = None
+        self.processor = None
+
+    # -- load -------------------------------------------------------------------------------
+    def load(self) -> None:
+        from transformers import AutoModelForImageTextToText
+
+        settings = self.settings
+        started = time.perf_counter()
+        device = resolve_device(settings.device)
+        dtype = resolve_dtype(settings.torch_dtype, device)
+        self.info.device, self.info.dtype = device, dtype_name(dtype)
+        token = settings.hf_token.get_secret_value() if settings.hf_token else None
+        logger.info("loading base model %s on %s as %s", settings.base_model_id, device, self.info.dtype)
+        try:
+            model = AutoModelForImageTextToText.from_pretrained(
+                settings.base_model_id,
+                dtype=dtype,
+                attn_implementation=self._attention_implementation(device),
+                token=token,
+                **self._quantization_kwargs(device),
+            )
+        except Exception as exc:
+            raise EngineLoadError(f"cannot load base model {settings.base_model_id!r}: {exc}") from exc
+
+        adapter_path = Path(settings.adapter_path)
+        if adapter_present(adapter_path):
+            model = self._merge_adapter(model, adapter_path)
+            self.info.adapter = str(adapter_path)
+        else:
+            logger.warning("no LoRA adapter at %s: running the base model alone (adapter: null)", adapter_path)
+            self.info.adapter = None
+
+        if getattr(model, "hf_device_map", None) is None and not settings.quantization:
+            model = model.to(device)
+        model.eval()
+        if settings.torch_compile:
+            logger.info("TORCH_COMPILE=1: compiling the model's forward (first batches will be slow)")
+            model.forward = torch.compile(model.forward, dynamic=True)
+        self.model = model
+        self.info.model_loaded = True
+
+        self.processor = self._load_processor(adapter_path, token)
+        self.info.processor_loaded = True
+        self.info.model_load_time = round(time.perf_counter() - started, 3)
+        logger.info("model ready in %.2f s (adapter: %s)", self.info.model_load_time, self.info.adapter)
+
+    def _attention_implementation(self, device: str) -> str:
+        if device == "cuda":
+            try:
+                import flash_attn  # noqa: F401
+
+                return "flash_attention_2"
+            except ImportError:
+                pass
+        return "sdpa"
+
+    def _quantization_kwargs(self, device: str) -> dict:
+        mode = self.settings.quantization
+        if not mode:
+            return {}
+        if device != "cuda":
+            raise EngineLoadError(f"QUANTIZATION={mode} needs bitsandbytes on a CUDA device; this one is {device}")
+        from transformers import BitsAndBytesConfig
+
+        if mode == "int8":
+            config = BitsAndBytesConfig(load_in_8bit=True)
+        else:
+            config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)
+        return {"quantization_config": config, "device_map": {"": 0}}
+
+    def _merge_adapter(self, model, adapter_path: Path):
+        from peft import PeftModel
+
+        logger.info("applying LoRA adapter from %s", adapter_path)
+        try:
+            peft_model = PeftModel.from_pretrained(model, str(adapter_path))
+        except Exception as exc:
+            raise EngineLoadError(f"cannot load LoRA adapter at {adapter_path}: {exc}") from exc
+        check_adapter_keys(peft_model, adapter_path)
+        if self.settings.quantization:
+            return peft_model  # merging into quantized weights loses precision; keep LoRA unmerged
+        return peft_model.merge_and_unload()
+
+    def _load_processor(self, adapter_path: Path, token: str | None):
+        from transformers import AutoProcessor, AutoTokenizer
+
+        has = lambda names: any((adapter_path / name).is_file() for name in names)  # noqa: E731
+        try:
+            if has(PROCESSOR_FILES):
+                logger.info("processor loaded from the adapter directory %s", adapter_path)
+                processor = AutoProcessor.from_pretrained(str(adapter_path))
+            else:
+                processor = AutoProcessor.from_pretrained(self.settings.base_model_id, token=token)
+                if has(TOKENIZER_FILES):
+                    logger.info("tokenizer loaded from the adapter directory %s", adapter_path)
+                    processor.tokenizer = AutoTokenizer.from_pretrained(str(adapter_path))
+            if (adapter_path / "chat_template.jinja").is_file():
+                logger.info("chat template taken from the adapter directory %s", adapter_path)
+                processor.chat_template = (adapter_path / "chat_template.jinja").read_text()
+        except Exception as exc:
+            raise EngineLoadError(f"cannot load the processor: {exc}") from exc
+        processor.tokenizer.padding_side = "left"
+        processor.image_processor.size = {
+            "shortest_edge": self.settings.image_min_pixels,
+            "longest_edge": self.settings.image_max_pixels,
+        }
+        return processor
+
+    # -- run --------------------------------------------------------------------------------
+    def warm_up(self) -> None:
+        started = time.perf_counter()
+        image = Image.new("RGB", (256, 192), "white")
+        self.generate([GenerationRequest(image=image, prompt="Warm-up.")], max_new_tokens=2)
+        self.info.warmup_time = round(time.perf_counter() - started, 3)
+        logger.info("warm-up generation done in %.2f s", self.info.warmup_time)
+
+    def prompt_text(self, prompt: str) -> str:
+        """The exact text the model sees for one image (chat template applied)."""
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    @torch.inference_mode()
+    def generate(self, requests: Sequence[GenerationRequest], max_new_tokens: int | None = None) -> list[Generation]:
+        if not requests:
+            return []
+        inputs = self.processor(
+            text=[self.prompt_text(request.prompt) for request in requests],
+            images=[request.image for request in requests],
+            padding=True,
+            return_tensors="pt",
+        ).to(self.model.device)
+        output = self.model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens or self.settings.max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+        )
+        new_tokens = output[:, inputs["input_ids"].shape[1] :]
+        tokenizer = self.processor.tokenizer
+        special = {tokenizer.pad_token_id, *self._eos_ids()}
+        generations = []
+        for row in new_tokens.tolist():
+            produced = 0
+            for token_id in row:
+                produced += 1
+                if token_id in special:
+                    break
+            text = tokenizer.decode(row, skip_special_tokens=True).strip()
+            generations.append(Generation(text=text, output_tokens=produced))
+        return generations
+
+    def _eos_ids(self) -> set[int]:
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            return {self.processor.tokenizer.eos_token_id}
+        return set(eos) if isinstance(eos, list) else {eos}

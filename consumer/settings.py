@@ -1,0 +1,135 @@
+"""All configuration, from the environment, in one frozen object built once in main() and passed down.
+
+Names of the old HTTP service are kept (BASE_MODEL_ID, ADAPTER_PATH, DEVICE, TORCH_DTYPE,
+MAX_NEW_TOKENS, HF_HOME, HF_TOKEN, HTTP_PORT). Any librdkafka setting can be given as KAFKA_<NAME>
+with dots as underscores (KAFKA_SECURITY_PROTOCOL=SASL_SSL -> security.protocol), so SASL and TLS
+clusters need no code change.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, Mapping
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# Librdkafka properties whose values are secrets: never logged, never shown on /health.
+SECRET_KAFKA_KEYS = ("sasl.password", "ssl.key.password", "ssl.keystore.password", "sasl.oauthbearer.client.secret")
+
+# KAFKA_* variables that are settings of this service, not librdkafka properties.
+_OWN_KAFKA_FIELDS = {"KAFKA_BOOTSTRAP_SERVERS", "KAFKA_GROUP_ID"}
+
+
+class Settings(BaseSettings):
+    """The service's settings; each field reads the environment variable of the same name, upper-cased."""
+
+    model_config = SettingsConfigDict(frozen=True, extra="ignore", case_sensitive=False)
+
+    # -- model (names kept from the old service) ----------------------------------------------
+    engine: Literal["transformers", "echo"] = "transformers"
+    """transformers runs the model; echo answers a fixed text without one (pipeline benchmarks only)."""
+    base_model_id: str = "Qwen/Qwen3-VL-2B-Instruct"
+    """A Hugging Face model id or a local directory."""
+    adapter_path: Path = Path("/app/models/weights")
+    """The LoRA adapter directory; missing or empty means the base model runs alone."""
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    torch_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    max_new_tokens: int = Field(384, ge=1, le=8192)
+    hf_home: str | None = None
+    hf_token: SecretStr | None = None
+    prompt: str = (
+        "Describe this diagram as a markdown table with the columns | № | Step | Role |: "
+        "one row per step, in order, with the role or swimlane that performs it."
+    )
+    image_min_pixels: int = Field(64 * 32 * 32, ge=32 * 32)
+    """Images are upscaled to at least this many pixels before the vision encoder."""
+    image_max_pixels: int = Field(1024 * 32 * 32, ge=32 * 32)
+    """Images are downscaled to at most this many pixels: 1,048,576 = at most 1024 visual tokens."""
+    torch_compile: bool = False
+    quantization: Literal["int8", "4bit"] | None = None
+    batch_size: int = Field(8, ge=1, le=256)
+    batch_max_wait_ms: int = Field(50, ge=0)
+
+    # -- kafka ---------------------------------------------------------------------------------
+    kafka_bootstrap_servers: str = "localhost:9092"
+    kafka_group_id: str = "diagram-consumer"
+    input_topic: str = "diagram-events"
+    output_topic: str = "diagram-descriptions"
+    dlq_topic: str = "diagram-events-dlq"
+    max_in_flight: int = Field(64, ge=1)
+    """Events polled but not yet published; when full, partitions are paused (polling goes on)."""
+    shutdown_timeout: float = Field(30.0, gt=0)
+    kafka_extra: dict[str, str] = Field(default_factory=dict)
+    """Other librdkafka properties, collected from KAFKA_<NAME> variables by `from_environ`."""
+
+    # -- images --------------------------------------------------------------------------------
+    image_root: Path | None = None
+    """Path references are allowed only under this directory; unset refuses them."""
+    image_allowed_hosts: Annotated[frozenset[str], NoDecode] = frozenset()
+    """Hosts that may be fetched although they resolve to private or loopback addresses."""
+    image_max_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    image_max_decoded_pixels: int = Field(40_000_000, ge=1)
+    """Images larger than this (width x height, from the header) are refused before decoding."""
+    image_fetch_timeout: float = Field(10.0, gt=0)
+    fetch_workers: int = Field(4, ge=1)
+
+    # -- side server and logs ------------------------------------------------------------------
+    http_port: int = 8002
+    http_host: str = "0.0.0.0"
+    log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"
+
+    @field_validator("image_allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return frozenset(host.strip().lower() for host in value.split(",") if host.strip())
+        return value
+
+    @field_validator("quantization", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if value in ("", "none", "0") else value
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from `environ` (default: os.environ), KAFKA_<NAME> passthrough included."""
+        environ = os.environ if environ is None else environ
+        extra = {
+            key[len("KAFKA_") :].lower().replace("_", "."): value
+            for key, value in environ.items()
+            if key.upper().startswith("KAFKA_") and key.upper() not in _OWN_KAFKA_FIELDS
+        }
+        if environ is os.environ:
+            return cls(kafka_extra=extra, **overrides)
+        fields = {name: environ[name.upper()] for name in cls.model_fields if name.upper() in environ}
+        return cls(**{**fields, "kafka_extra": extra, **overrides})
+
+    # -- librdkafka configuration ---------------------------------------------------------------
+    def consumer_config(self) -> dict[str, Any]:
+        """The librdkafka consumer config: manual offset commits, cooperative rebalancing."""
+        return {
+            "bootstrap.servers": self.kafka_bootstrap_servers,
+            "group.id": self.kafka_group_id,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",
+            "partition.assignment.strategy": "cooperative-sticky",
+            **self.kafka_extra,
+        }
+
+    def producer_config(self) -> dict[str, Any]:
+        """The librdkafka producer config: idempotent, acks=all, compressed results."""
+        return {
+            "bootstrap.servers": self.kafka_bootstrap_servers,
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 5,
+            "compression.type": "zstd",
+            **self.kafka_extra,
+        }
+
+    def redacted_kafka_config(self) -> dict[str, Any]:
+        return {k: ("***" if k in SECRET_KAFKA_KEYS else v) for k, v in self.consumer_config().items()}

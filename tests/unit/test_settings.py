@@ -1,0 +1,56 @@
+"""Settings keep the old service's names and pass any librdkafka property through."""
+
+import pytest
+from pydantic import ValidationError
+
+from consumer.settings import Settings
+
+
+def test_old_service_names_and_defaults():
+    settings = Settings.from_environ(
+        {"BASE_MODEL_ID": "/models/qwen", "ADAPTER_PATH": "/w", "DEVICE": "cpu", "TORCH_DTYPE": "float32",
+         "MAX_NEW_TOKENS": "100", "HF_TOKEN": "hf_secret"}
+    )
+    assert settings.base_model_id == "/models/qwen"
+    assert str(settings.adapter_path) == "/w"
+    assert settings.device == "cpu" and settings.torch_dtype == "float32"
+    assert settings.max_new_tokens == 100
+    assert "hf_secret" not in repr(settings)
+    defaults = Settings.from_environ({})
+    assert defaults.http_port == 8002 and defaults.max_new_tokens == 384
+    assert defaults.base_model_id == "Qwen/Qwen3-VL-2B-Instruct"
+
+
+def test_kafka_passthrough_reaches_librdkafka_config_and_is_redacted():
+    settings = Settings.from_environ(
+        {"KAFKA_BOOTSTRAP_SERVERS": "b1:9093", "KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+         "KAFKA_SASL_MECHANISM": "SCRAM-SHA-512", "KAFKA_SASL_USERNAME": "svc", "KAFKA_SASL_PASSWORD": "pw"}
+    )
+    consumer = settings.consumer_config()
+    producer = settings.producer_config()
+    for config in (consumer, producer):
+        assert config["bootstrap.servers"] == "b1:9093"
+        assert config["security.protocol"] == "SASL_SSL"
+        assert config["sasl.mechanism"] == "SCRAM-SHA-512"
+        assert config["sasl.password"] == "pw"
+    assert consumer["enable.auto.commit"] is False
+    assert "bootstrap.servers" not in settings.kafka_extra
+    assert settings.redacted_kafka_config()["sasl.password"] == "***"
+
+
+def test_closed_choices_are_refused_with_the_field_named():
+    with pytest.raises(ValidationError, match="device"):
+        Settings.from_environ({"DEVICE": "tpu"})
+    with pytest.raises(ValidationError, match="torch_dtype"):
+        Settings.from_environ({"TORCH_DTYPE": "int3"})
+
+
+def test_allowed_hosts_are_a_comma_separated_list():
+    settings = Settings.from_environ({"IMAGE_ALLOWED_HOSTS": "Images.internal, 10.0.0.5 ,"})
+    assert settings.image_allowed_hosts == frozenset({"images.internal", "10.0.0.5"})
+
+
+def test_settings_are_frozen():
+    settings = Settings.from_environ({})
+    with pytest.raises(ValidationError):
+        settings.max_new_tokens = 5

@@ -42,6 +42,8 @@ _CHUNK = 64 * 1024
 class LoadedImage:
     image: Image.Image
     source_bytes: int
+    fetch_seconds: float = 0.0
+    decode_seconds: float = 0.0
 
     @property
     def size(self) -> tuple[int, int]:
@@ -65,13 +67,19 @@ class ImageResolver:
         self.allowed_hosts = settings.image_allowed_hosts
 
     def resolve(self, ref: ImageRef) -> LoadedImage:
+        started = time.perf_counter()
         if ref.url is not None:
             data = self.fetch_url(ref.url)
         elif ref.path is not None:
             data = self.read_path(ref.path)
         else:
             data = self.decode_base64(ref.base64 or "")
-        return LoadedImage(image=self.decode(data), source_bytes=len(data))
+        fetched = time.perf_counter()
+        image = self.decode(data)
+        return LoadedImage(
+            image=image, source_bytes=len(data), fetch_seconds=fetched - started,
+            decode_seconds=time.perf_counter() - fetched,
+        )
 
     # -- base64 ----------------------------------------------------------------------------------
     def decode_base64(self, text: str) -> bytes:

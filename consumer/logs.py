@@ -1,4 +1,10 @@
-"""Logging setup: LOG_LEVEL, and LOG_FORMAT=json for one JSON object per line."""
+"""Logging setup: LOG_LEVEL, and LOG_FORMAT=json for one JSON object per line.
+
+Per-event lines carry their fields as `extra=event_fields(...)`, so JSON logs have `id`, `topic`,
+`partition`, `offset`, `outcome` and the timings as keys a log pipeline can index, while text logs
+keep them in the message. librdkafka's own log lines and Python warnings are routed through the same
+handler, so with LOG_FORMAT=json every line the service writes is JSON (a crash's traceback aside).
+"""
 
 from __future__ import annotations
 
@@ -6,11 +12,24 @@ import json
 import logging
 import sys
 from datetime import datetime, timezone
+from typing import Any
 
-_STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+_STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
+
+# Libraries that install their own stderr handler; in JSON mode their lines must come through ours.
+_LIBRARIES_WITH_HANDLERS = ("transformers", "huggingface_hub")
+
+
+def event_fields(
+    event_id: str | None, topic: str, partition: int, offset: int, outcome: str, **timings: Any
+) -> dict[str, Any]:
+    """The structured fields of one event's log line (pass as `extra=`)."""
+    return {"id": event_id, "topic": topic, "partition": partition, "offset": offset, "outcome": outcome, **timings}
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time, level, logger, message, then every `extra=` field."""
+
     def format(self, record: logging.LogRecord) -> str:
         entry = {
             "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
@@ -33,5 +52,27 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    logging.captureWarnings(True)
     for noisy in ("urllib3", "httpx", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if fmt == "json":
+        for name in _LIBRARIES_WITH_HANDLERS:
+            _route_through_root(name)
+
+
+def _route_through_root(name: str) -> None:
+    """Make a library that configures its own stderr handler on import log through the root handler."""
+    if name == "transformers":
+        try:
+            from transformers.utils import logging as transformers_logging
+        except ImportError:
+            return
+        transformers_logging.disable_default_handler()
+        transformers_logging.enable_propagation()
+        transformers_logging.disable_progress_bar()
+    elif name == "huggingface_hub":
+        try:
+            from huggingface_hub.utils import disable_progress_bars
+        except ImportError:
+            return
+        disable_progress_bars()

@@ -1,18 +1,40 @@
 """Every Prometheus metric family of the service, in one place, on an injected registry.
 
-Tests build their own `CollectorRegistry`, so nothing fights over the process-global one.
+Tests build their own `CollectorRegistry`, so nothing fights over the process-global one. Names follow
+Prometheus conventions: counters end in `_total`, durations are seconds, sizes are bytes, and every
+family has help text (README "Health and metrics" lists them).
 """
 
 from __future__ import annotations
 
+import logging
+from importlib import metadata
+from typing import TYPE_CHECKING, Any, Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+if TYPE_CHECKING:
+    from consumer.engine.base import EngineInfo
+
+logger = logging.getLogger(__name__)
 
 # Seconds-long inference needs buckets well past prometheus_client's default 10 s ceiling.
 STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128, 256)
+OUTCOMES = ("ok", "dead_lettered", "retried")
+STAGES = ("fetch", "decode", "preprocess", "generate", "publish", "end_to_end")
+
+
+def package_version() -> str:
+    try:
+        return metadata.version("diagram-consumer")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 class Metrics:
+    """The service's metric families; `registry` is what /metrics exposes."""
+
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
@@ -24,7 +46,8 @@ class Metrics:
         )
         self.stage_seconds = Histogram(
             "diagram_stage_duration_seconds",
-            "Time per pipeline stage (fetch, decode, preprocess, generate, publish, end_to_end)",
+            "Time per pipeline stage: fetch, decode, preprocess and generate (per batch), publish (produce to "
+            "broker acknowledgement), end_to_end (Kafka timestamp of the event to its acknowledged result)",
             ["stage"],
             buckets=STAGE_BUCKETS,
             registry=r,
@@ -39,7 +62,11 @@ class Metrics:
         )
         self.assigned_partitions = Gauge("diagram_assigned_partitions", "Partitions assigned to this member", registry=r)
         self.consumer_lag = Gauge(
-            "diagram_consumer_lag", "Messages behind the partition's high watermark", ["topic", "partition"], registry=r
+            "diagram_consumer_lag",
+            "Messages between the committed offset and the high watermark, per assigned partition "
+            "(librdkafka statistics)",
+            ["topic", "partition"],
+            registry=r,
         )
         self.committed_offset = Gauge(
             "diagram_committed_offset", "Last committed input offset", ["topic", "partition"], registry=r
@@ -55,4 +82,56 @@ class Metrics:
         self.last_poll = Gauge(
             "diagram_last_poll_timestamp_seconds", "Unix time of the poll loop's last iteration", registry=r
         )
-        self.build = Info("diagram_consumer", "Model, adapter and device of this replica", registry=r)
+        self.ready = Gauge("diagram_ready", "1 while /health answers 200 (model warm, consumer in its group)", registry=r)
+        self.infer_requests = Counter(
+            "diagram_infer_requests", "POST /infer requests, by HTTP status code", ["code"], registry=r
+        )
+        self.build = Info("diagram_consumer", "Version, model, adapter and device of this replica", registry=r)
+        # Series that exist from the start read 0 instead of missing, so rate() and alerts see them.
+        for outcome in OUTCOMES:
+            self.events.labels(outcome)
+        for stage in STAGES:
+            self.stage_seconds.labels(stage)
+        self._lag_series: set[tuple[str, str]] = set()
+
+    def record_engine(self, info: EngineInfo) -> None:
+        """Load and warm-up times and the build/info labels, once the model is warm."""
+        self.model_load_seconds.set(info.model_load_time or 0)
+        self.warmup_seconds.set(info.warmup_time or 0)
+        self.build.info(
+            {
+                "version": package_version(),
+                "model": info.model,
+                "adapter": info.adapter or "",
+                "device": info.device,
+                "dtype": info.dtype,
+                "backend": info.backend,
+            }
+        )
+
+    def track_readiness(self, is_ready: Callable[[], bool]) -> None:
+        """`diagram_ready` is computed at scrape time by the same function /health uses."""
+        self.ready.set_function(lambda: 1.0 if is_ready() else 0.0)
+
+    def observe_consumer_stats(self, stats: dict[str, Any]) -> None:
+        """Set `diagram_consumer_lag` from one librdkafka statistics document (statistics.interval.ms).
+
+        Only partitions this member consumes (`desired`) with a known lag are reported; series of
+        partitions that went elsewhere are removed, so a sum over replicas never counts one twice.
+        """
+        current: set[tuple[str, str]] = set()
+        for topic, topic_stats in stats.get("topics", {}).items():
+            for partition, partition_stats in topic_stats.get("partitions", {}).items():
+                if partition == "-1" or not partition_stats.get("desired"):
+                    continue  # -1 is librdkafka's internal unassigned-partition bucket
+                lag = partition_stats.get("consumer_lag", -1)
+                if lag < 0:
+                    continue  # nothing committed yet, or the high watermark is not known yet
+                self.consumer_lag.labels(topic, partition).set(lag)
+                current.add((topic, partition))
+        for series in self._lag_series - current:
+            try:
+                self.consumer_lag.remove(*series)
+            except KeyError:
+                pass
+        self._lag_series = current

@@ -25,6 +25,7 @@ from consumer.engine.base import Engine, GenerationRequest
 from consumer.errors import FetchError, InferError, ProcessingError, PublishError
 from consumer.events import DiagramEvent, DiagramResult, ResultMetadata, Source, event_id_hint, parse_event
 from consumer.images import ImageResolver, LoadedImage
+from consumer.logs import event_fields
 from consumer.metrics import Metrics
 from consumer.offsets import OffsetTracker
 from consumer.settings import Settings
@@ -197,10 +198,10 @@ class Pipeline:
     def _resolve_image(self, event: DiagramEvent, message: Message) -> LoadedImage:
         """Fetch and decode, retrying transient fetch failures with backoff."""
         for attempt in range(1, FETCH_ATTEMPTS + 1):
-            started = time.perf_counter()
             try:
                 loaded = self.resolver.resolve(event.image)
-                self.metrics.stage_seconds.labels("fetch").observe(time.perf_counter() - started)
+                self.metrics.stage_seconds.labels("fetch").observe(loaded.fetch_seconds)
+                self.metrics.stage_seconds.labels("decode").observe(loaded.decode_seconds)
                 return loaded
             except FetchError as error:
                 error.attempts = attempt
@@ -360,7 +361,9 @@ class Pipeline:
             self._dead_letter(item.message, error, item.epoch, item.event.id)
             return
         generation_time = time.perf_counter() - started
-        self.metrics.stage_seconds.labels("generate").observe(generation_time)
+        preprocess_time = min(self.engine.last_preprocess_seconds, generation_time)
+        self.metrics.stage_seconds.labels("preprocess").observe(preprocess_time)
+        self.metrics.stage_seconds.labels("generate").observe(generation_time - preprocess_time)
         self.metrics.batch_size.observe(len(ready))
         share = generation_time / len(ready)
         for (item, loaded), generation in zip(ready, generations):
@@ -405,6 +408,11 @@ class Pipeline:
         logger.info(
             "described %s in %.2f s (%d tokens, batch %d)",
             item.describe(), result.metadata.inference_time, generation.output_tokens, batch_size,
+            extra=event_fields(
+                item.event.id, message.topic(), message.partition(), message.offset(), "ok",
+                inference_time=result.metadata.inference_time, generation_time=result.metadata.generation_time,
+                output_tokens=generation.output_tokens, batch_size=batch_size,
+            ),
         )
 
     def _dead_letter(self, message: Message, error: ProcessingError, epoch: int, event_id: str | None) -> None:
@@ -424,6 +432,10 @@ class Pipeline:
         logger.warning(
             "dead-lettering id=%s %s[%d]@%d: %s failed: %s",
             event_id, message.topic(), message.partition(), message.offset(), error.stage, error.message,
+            extra=event_fields(
+                event_id, message.topic(), message.partition(), message.offset(), "dead_lettered",
+                stage=error.stage, reason=error.reason, attempts=error.attempts,
+            ),
         )
         self.producer.produce(
             self.settings.dlq_topic,
@@ -436,6 +448,7 @@ class Pipeline:
     def _delivery_handler(self, source: Message, epoch: int, event_id: str | None, outcome: str):
         tp = (source.topic(), source.partition())
         offset, timestamp = source.offset(), source.timestamp()[1]
+        produced_at = time.monotonic()  # the handler is made just before its produce() call
 
         def on_delivery(error: KafkaError | None, _record: Message) -> None:
             if error is not None:
@@ -446,6 +459,7 @@ class Pipeline:
                 return
             self.tracker.done(tp, offset, epoch)
             self.metrics.events.labels(outcome).inc()
+            self.metrics.stage_seconds.labels("publish").observe(time.monotonic() - produced_at)
             if timestamp > 0:
                 self.metrics.stage_seconds.labels("end_to_end").observe(max(time.time() - timestamp / 1000, 0))
 

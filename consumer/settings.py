@@ -16,7 +16,10 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # Librdkafka properties whose values are secrets: never logged, never shown on /health.
-SECRET_KAFKA_KEYS = ("sasl.password", "ssl.key.password", "ssl.keystore.password", "sasl.oauthbearer.client.secret")
+SECRET_KAFKA_KEYS = (
+    "sasl.password", "ssl.key.password", "ssl.keystore.password", "sasl.oauthbearer.client.secret",
+    "ssl.key.pem", "sasl.oauthbearer.config",
+)
 
 # KAFKA_* variables that are settings of this service, not librdkafka properties.
 _OWN_KAFKA_FIELDS = {"KAFKA_BOOTSTRAP_SERVERS", "KAFKA_GROUP_ID"}
@@ -80,6 +83,13 @@ class Settings(BaseSettings):
     http_host: str = "0.0.0.0"
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
+    liveness_timeout: float = Field(60.0, gt=0)
+    """/health/live answers 503 once the poll loop has not come round for this many seconds."""
+    infer_endpoint: bool = False
+    """Serve the old service's POST /infer (multipart `file`) on the side server, through the same engine."""
+    debug_stall_file: Path | None = None
+    """Fault injection for tests, never for production: while this file exists the main thread stands
+    still, before the warm-up and in every poll, so the probes can be seen to notice."""
 
     @field_validator("image_allowed_hosts", mode="before")
     @classmethod

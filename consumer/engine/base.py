@@ -46,6 +46,8 @@ class EngineInfo:
 
 class Engine(Protocol):
     info: EngineInfo
+    last_preprocess_seconds: float
+    """Time the last `generate` spent turning images and prompts into tensors (part of its total)."""
 
     def load(self) -> None:
         """Load weights and processor; raise `EngineLoadError` with the cause if that fails."""

@@ -16,6 +16,7 @@ ECHO_DESCRIPTION = "| # | Step | Role |\n|---|---|---|\n| 1 | echo engine: no mo
 class EchoEngine:
     def __init__(self) -> None:
         self.info = EngineInfo(model="echo", device="cpu", dtype="none", backend="echo")
+        self.last_preprocess_seconds = 0.0
 
     def load(self) -> None:
         self.info.model_load_time = 0.0

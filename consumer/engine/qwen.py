@@ -63,6 +63,7 @@ class QwenVLEngine:
         self.info = EngineInfo(model=settings.base_model_id)
         self.model = None
         self.processor = None
+        self.last_preprocess_seconds = 0.0
 
     # -- load -------------------------------------------------------------------------------
     def load(self) -> None:
@@ -187,12 +188,14 @@ class QwenVLEngine:
     def generate(self, requests: Sequence[GenerationRequest], max_new_tokens: int | None = None) -> list[Generation]:
         if not requests:
             return []
+        started = time.perf_counter()
         inputs = self.processor(
             text=[self.prompt_text(request.prompt) for request in requests],
             images=[request.image for request in requests],
             padding=True,
             return_tensors="pt",
         ).to(self.model.device)
+        self.last_preprocess_seconds = time.perf_counter() - started
         output = self.model.generate(
             **inputs,
             max_new_tokens=max_new_tokens or self.settings.max_new_tokens,

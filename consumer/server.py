@@ -1,36 +1,41 @@
-"""The aiohttp side server: /health (readiness), /health/live (liveness), /metrics (Prometheus), /.
+"""The aiohttp side server: / (info), /health (readiness), /health/live (liveness), /metrics,
+/openapi.json and /docs, and POST /infer when INFER_ENDPOINT=true.
 
 It runs on its own event loop in its own thread, so a slow scrape never blocks polling and a busy
-model never blocks a probe.
+model never blocks a probe; /infer hands its model work to worker threads for the same reason.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
+from consumer.openapi import DOCS_HTML, openapi_document
+
 if TYPE_CHECKING:
     from consumer.engine.base import EngineInfo
+    from consumer.infer import SharedEngine
     from consumer.metrics import Metrics
     from consumer.pipeline import ServiceState
     from consumer.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-# The poll loop polls every 0.2 s; no iteration for this long means it is stuck.
-LIVENESS_TIMEOUT_S = 60.0
-
 
 def _gpu_memory(metrics: Metrics) -> None:
+    # Only where the engine already imported torch: importing it here would hold the server's loop
+    # for seconds, and an engine without torch has no GPU memory to report.
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return
     try:
-        import torch
-
         if torch.cuda.is_available():
             metrics.gpu_memory_allocated.set(torch.cuda.memory_allocated())
             metrics.gpu_memory_reserved.set(torch.cuda.memory_reserved())
@@ -38,28 +43,53 @@ def _gpu_memory(metrics: Metrics) -> None:
         logger.debug("cannot read GPU memory", exc_info=True)
 
 
-def build_app(settings: Settings, info: EngineInfo, state: ServiceState, metrics: Metrics) -> web.Application:
-    prometheus = make_aiohttp_handler(metrics.registry)
+def is_ready(info: EngineInfo, state: ServiceState) -> bool:
+    """Readiness: the model and processor are loaded, the warm-up ran, and the consumer is in its group
+    (which needs a reachable broker); a member that is shutting down is no longer ready."""
+    warm = info.model_loaded and info.processor_loaded and info.warmup_time is not None and state.ready
+    return warm and state.in_group and state.broker_ok and not state.stopping
 
-    def health_body() -> dict:
-        poll_age = time.time() - state.last_poll if state.last_poll else None
-        ready = state.ready and state.in_group and state.broker_ok and not state.stopping
+
+def poll_age(state: ServiceState, now: float | None = None) -> float | None:
+    """Seconds since the poll loop last came round; None before it first ran."""
+    if not state.last_poll:
+        return None
+    return (now or time.time()) - state.last_poll
+
+
+def build_app(
+    settings: Settings,
+    info: EngineInfo,
+    state: ServiceState,
+    metrics: Metrics,
+    infer_engine: SharedEngine | None = None,
+) -> web.Application:
+    """The side server's routes; POST /infer is added only when `infer_engine` is given."""
+    prometheus = make_aiohttp_handler(metrics.registry)
+    metrics.track_readiness(lambda: is_ready(info, state))
+    endpoints = ["/", "/health", "/health/live", "/metrics", "/openapi.json", "/docs"]
+    if infer_engine is not None:
+        endpoints.append("POST /infer")
+    document = openapi_document(infer_enabled=infer_engine is not None)
+
+    def health_body() -> dict[str, Any]:
+        age = poll_age(state)
         return {
-            "status": "healthy" if ready else "unavailable",
+            "status": "healthy" if is_ready(info, state) else "unavailable",
             "model_loaded": info.model_loaded,
             "processor_loaded": info.processor_loaded,
             "device": info.device,
-            "dtype": info.dtype,
+            "model_load_time": info.model_load_time,
             "model": info.model,
             "adapter": info.adapter,
-            "model_load_time": info.model_load_time,
+            "dtype": info.dtype,
             "warmup_time": info.warmup_time,
             "group": settings.kafka_group_id,
             "in_group": state.in_group,
             "broker_ok": state.broker_ok,
             "assigned_partitions": state.assigned,
             "paused_partitions": state.paused,
-            "last_poll_age_seconds": round(poll_age, 3) if poll_age is not None else None,
+            "last_poll_age_seconds": round(age, 3) if age is not None else None,
         }
 
     async def health(_: web.Request) -> web.Response:
@@ -67,9 +97,21 @@ def build_app(settings: Settings, info: EngineInfo, state: ServiceState, metrics
         return web.json_response(body, status=200 if body["status"] == "healthy" else 503)
 
     async def live(_: web.Request) -> web.Response:
-        poll_age = time.time() - state.last_poll if state.last_poll else time.time() - state.started_at
-        alive = poll_age < LIVENESS_TIMEOUT_S
-        body = {"status": "alive" if alive else "stalled", "last_poll_age_seconds": round(poll_age, 3)}
+        # Before the poll loop first runs the process is loading the model: alive, not stalled. A
+        # load that hangs is the startup probe's business; a load that fails ends the process.
+        age = poll_age(state)
+        if age is None:
+            status, alive = "starting", True
+        elif state.stopping:
+            status, alive = "stopping", True  # draining: the poll loop is no longer the measure
+        else:
+            alive = age < settings.liveness_timeout
+            status = "alive" if alive else "stalled"
+        body = {
+            "status": status,
+            "last_poll_age_seconds": round(age, 3) if age is not None else None,
+            "liveness_timeout_seconds": settings.liveness_timeout,
+        }
         return web.json_response(body, status=200 if alive else 503)
 
     async def metrics_handler(request: web.Request) -> web.StreamResponse:
@@ -81,21 +123,35 @@ def build_app(settings: Settings, info: EngineInfo, state: ServiceState, metrics
             {
                 "service": "diagram-consumer",
                 "description": "Kafka consumer turning diagram images into text with Qwen3-VL + LoRA",
+                "version": document["info"]["version"],
                 "input_topic": settings.input_topic,
                 "output_topic": settings.output_topic,
                 "dlq_topic": settings.dlq_topic,
+                "group": settings.kafka_group_id,
                 "model": info.model,
                 "adapter": info.adapter,
                 "device": info.device,
-                "endpoints": ["/health", "/health/live", "/metrics"],
+                "endpoints": endpoints,
             }
         )
+
+    async def openapi(_: web.Request) -> web.Response:
+        return web.json_response(document)
+
+    async def docs(_: web.Request) -> web.Response:
+        return web.Response(text=DOCS_HTML, content_type="text/html")
 
     app = web.Application()
     app.router.add_get("/", index)
     app.router.add_get("/health", health)
     app.router.add_get("/health/live", live)
     app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/openapi.json", openapi)
+    app.router.add_get("/docs", docs)
+    if infer_engine is not None:
+        from consumer.infer import make_infer_handler
+
+        app.router.add_post("/infer", make_infer_handler(settings, infer_engine, state, metrics))
     return app
 
 
@@ -128,7 +184,7 @@ class SideServer:
         self._ready.wait(10)
         if self._error is not None:
             raise RuntimeError(f"side server cannot listen on {self.host}:{self.port}: {self._error}")
-        logger.info("side server on http://%s:%d (/health, /health/live, /metrics)", self.host, self.port)
+        logger.info("side server on http://%s:%d (/health, /health/live, /metrics, /docs)", self.host, self.port)
 
     def stop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)

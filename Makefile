@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-unit bench-tiny schemas clean
+.PHONY: setup demo test test-unit bench-tiny schemas clean prometheus-tools
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,10 +18,14 @@ setup: $(VENV)/.installed
 demo: setup
 	$(PY) -m consumer demo
 
-test: setup
+# The observability tests run a real Prometheus and promtool (Debian package `prometheus`).
+prometheus-tools:
+	sh deploy/prometheus/install.sh
+
+test: setup prometheus-tools
 	$(PY) -m pytest
 
-test-unit: setup
+test-unit: setup prometheus-tools
 	$(PY) -m pytest tests/unit
 
 schemas: setup

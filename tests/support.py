@@ -122,11 +122,16 @@ class ServiceRunner:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, ready_timeout: float = 120.0) -> ServiceRunner:
+    def start(self, ready_timeout: float = 120.0, wait_ready: bool = True) -> ServiceRunner:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "consumer", "run"], cwd=REPO_ROOT, env=self.env,
             stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT,
         )
+        return self.wait_ready(ready_timeout) if wait_ready else self
+
+    def wait_ready(self, ready_timeout: float = 120.0) -> ServiceRunner:
+        """Wait until /health answers 200; fail with the service's log if it exits or times out."""
+        assert self.process is not None
         deadline = time.monotonic() + ready_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

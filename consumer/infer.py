@@ -15,7 +15,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Awaitable, Callable, Sequence
 
 from aiohttp import web
 
@@ -133,7 +133,9 @@ class SharedEngine:
         rider.done.set()
 
 
-def make_infer_handler(settings: Settings, engine: SharedEngine, state: ServiceState, metrics: Metrics):
+def make_infer_handler(
+    settings: Settings, engine: SharedEngine, state: ServiceState, metrics: Metrics
+) -> Callable[[web.Request], Awaitable[web.Response]]:
     """The aiohttp handler of POST /infer: multipart field `file` in, `{description, metadata}` out.
 
     Errors answer `{"detail": ...}` (the old FastAPI service's shape): 400 for a missing file or bytes

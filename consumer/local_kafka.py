@@ -2,7 +2,7 @@
 
 There is no Docker engine everywhere this runs, so the broker's jars come from Maven Central
 (deploy/kafka/pom.xml) and the broker runs under `java` on free loopback ports. The jars are fetched
-once into .kafka/libs (KAFKA_LIBS_DIR overrides); Maven's own cache (~/.m2) makes later fetches free.
+once into .kafka/libs (LOCAL_KAFKA_LIBS_DIR overrides); Maven's own cache (~/.m2) makes later fetches free.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ DEPLOY_DIR = REPO_ROOT / "deploy" / "kafka"
 
 
 def default_libs_dir() -> Path:
-    return Path(os.environ.get("KAFKA_LIBS_DIR", REPO_ROOT / ".kafka" / "libs"))
+    return Path(os.environ.get("LOCAL_KAFKA_LIBS_DIR", REPO_ROOT / ".kafka" / "libs"))
 
 
 def ensure_jars(libs_dir: Path | None = None) -> Path:

@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-unit bench-tiny schemas clean prometheus-tools
+.PHONY: setup demo test test-unit bench-tiny schemas clean prometheus-tools deploy-tools
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,7 +22,40 @@ demo: setup
 prometheus-tools:
 	sh deploy/prometheus/install.sh
 
-test: setup prometheus-tools
+# The deployment checks (tests/deploy) need kustomize and KEDA's and the Prometheus operator's CRDs,
+# from the Go module proxy into .tools/ (once; versions pinned here), and a compose CLI: Debian's
+# docker-compose when neither `docker compose` nor `docker-compose` is there.
+TOOLS := $(CURDIR)/.tools
+KUSTOMIZE_VERSION := v5.8.1
+KEDA_VERSION := v2.21.0
+PROMETHEUS_OPERATOR_VERSION := v0.85.0
+GO_MODULE_DIR = go mod download -json $(1) | $(PYTHON) -c 'import json, sys; print(json.load(sys.stdin)["Dir"])'
+
+$(TOOLS)/bin/.kustomize-$(KUSTOMIZE_VERSION):
+	GOBIN=$(TOOLS)/bin go install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION)
+	touch $@
+
+$(TOOLS)/keda/.$(KEDA_VERSION):
+	dir=$$($(call GO_MODULE_DIR,github.com/kedacore/keda/v2@$(KEDA_VERSION))) && mkdir -p $(TOOLS)/keda && \
+	install -m 644 $$dir/config/crd/bases/keda.sh_scaledobjects.yaml \
+		$$dir/config/crd/bases/keda.sh_triggerauthentications.yaml $$dir/pkg/scalers/kafka_scaler.go $(TOOLS)/keda/
+	touch $@
+
+$(TOOLS)/prometheus-operator/.$(PROMETHEUS_OPERATOR_VERSION):
+	dir=$$($(call GO_MODULE_DIR,github.com/prometheus-operator/prometheus-operator@$(PROMETHEUS_OPERATOR_VERSION))) && \
+	mkdir -p $(TOOLS)/prometheus-operator && \
+	install -m 644 $$dir/example/prometheus-operator-crd/monitoring.coreos.com_podmonitors.yaml $(TOOLS)/prometheus-operator/
+	touch $@
+
+deploy-tools: $(TOOLS)/bin/.kustomize-$(KUSTOMIZE_VERSION) $(TOOLS)/keda/.$(KEDA_VERSION) \
+		$(TOOLS)/prometheus-operator/.$(PROMETHEUS_OPERATOR_VERSION)
+	@docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null 2>&1 || \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get -o DPkg::Lock::Timeout=300 update -qq && DEBIAN_FRONTEND=noninteractive \
+			apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends docker-compose; \
+	else echo "tests/deploy needs 'docker compose' or 'docker-compose' (Debian/Ubuntu: apt-get install docker-compose)" >&2; fi
+
+test: setup prometheus-tools deploy-tools
 	$(PY) -m pytest
 
 test-unit: setup prometheus-tools
@@ -32,4 +65,4 @@ schemas: setup
 	$(PY) -m consumer.schemas schemas
 
 clean:
-	rm -rf $(VENV) .kafka .demo .pytest_cache
+	rm -rf $(VENV) .kafka .demo .pytest_cache .tools

@@ -1,0 +1,222 @@
+"""deploy/k8s, rendered by kustomize and checked as an API server with KEDA and the Prometheus
+operator would check it, then for agreement with the service: settings, probes, ports, shutdown, and
+the lag KEDA scales on."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import jsonschema
+import pytest
+import yaml
+
+from tests.deploy.manifests import (
+    K8S_DIR,
+    container_environment,
+    find,
+    kafka_scaler_parameters,
+    named_port,
+    selector_matches,
+    settings_for,
+    validate_k8s,
+)
+
+OVERLAYS = ["cpu", "gpu", "gpu+kafka-ca"]
+KINDS = {
+    "ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "PodMonitor", "ScaledObject",
+    "TriggerAuthentication", "PersistentVolumeClaim",
+}
+# librdkafka's sasl.mechanism -> KEDA's kafka trigger `sasl`.
+KEDA_SASL = {"PLAIN": "plaintext", "SCRAM-SHA-256": "scram_sha256", "SCRAM-SHA-512": "scram_sha512",
+             "OAUTHBEARER": "oauthbearer", "GSSAPI": "gssapi"}
+
+
+def consumer_container(docs: list[dict]) -> dict:
+    containers = find(docs, "Deployment", "diagram-consumer")["spec"]["template"]["spec"]["containers"]
+    return next(c for c in containers if c["name"] == "consumer")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_renders_and_validates(rendered, overlay):
+    docs = rendered[overlay]
+    assert {d["kind"] for d in docs} == KINDS
+    for doc in docs:
+        validate_k8s(doc)
+
+
+@pytest.mark.parametrize(
+    ("kind", "path", "typo"),
+    [
+        ("Deployment", ["spec", "template", "spec"], "terminationGracePeriodSecond"),
+        ("ScaledObject", ["spec"], "maxReplicas"),
+        ("PodMonitor", ["spec"], "podMetricEndpoints"),
+        ("TriggerAuthentication", ["spec"], "secretTargetRefs"),
+    ],
+)
+def test_validation_rejects_a_misspelt_field(rendered, kind, path, typo):
+    # The validation above means something only if it rejects what an API server would.
+    doc = copy.deepcopy(find(rendered["gpu"], kind))
+    target = doc
+    for key in path:
+        target = target[key]
+    target[typo] = 1
+    with pytest.raises(jsonschema.ValidationError):
+        validate_k8s(doc)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_container_settings_are_real(rendered, overlay):
+    docs = rendered[overlay]
+    settings = settings_for(container_environment(docs, consumer_container(docs)))
+    assert settings.device == ("cpu" if overlay == "cpu" else "cuda")
+    if overlay.endswith("kafka-ca"):
+        assert settings.kafka_extra["ssl.ca.location"].startswith("/etc/kafka-ca/")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_secrets_are_the_ones_secrets_example_describes(rendered, overlay):
+    example = {d["metadata"]["name"]: d for d in yaml.safe_load_all((K8S_DIR / "secrets.example.yaml").read_text())}
+    for secret in example.values():
+        validate_k8s(secret)
+    docs = rendered[overlay]
+    container = consumer_container(docs)
+    wanted = {
+        (v["valueFrom"]["secretKeyRef"]["name"], v["valueFrom"]["secretKeyRef"]["key"])
+        for v in container.get("env", []) if "secretKeyRef" in v.get("valueFrom", {})
+    }
+    wanted |= {(ref["name"], ref["key"]) for ref in find(docs, "TriggerAuthentication")["spec"]["secretTargetRef"]}
+    for volume in find(docs, "Deployment")["spec"]["template"]["spec"]["volumes"]:
+        if "secret" in volume:
+            wanted |= {(volume["secret"]["secretName"], item["key"]) for item in volume["secret"]["items"]}
+    for name, key in wanted:
+        assert key in example[name]["stringData"], f"secrets.example.yaml: {name} has no key {key}"
+    sasl = {v["name"] for v in container["env"] if "secretKeyRef" in v.get("valueFrom", {})}
+    assert {"KAFKA_SASL_USERNAME", "KAFKA_SASL_PASSWORD"} <= sasl
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_probes_ask_the_side_server_the_right_question(rendered, overlay, side_server):
+    docs = rendered[overlay]
+    container = consumer_container(docs)
+    settings = settings_for(container_environment(docs, container))
+    assert named_port(container, "http") == settings.http_port
+    probes = {kind: container[kind]["httpGet"] for kind in ("startupProbe", "readinessProbe", "livenessProbe")}
+    for probe in probes.values():
+        assert named_port(container, probe["port"]) == settings.http_port
+        assert ("GET", probe["path"]) in side_server.routes
+
+    def status(kind: str) -> int:
+        return side_server.get(probes[kind]["path"])[0]
+
+    # While the model loads: not ready (no traffic, startup not done), but alive (not restarted).
+    side_server.loading()
+    assert (status("startupProbe"), status("readinessProbe"), status("livenessProbe")) == (503, 503, 200)
+    side_server.ready()
+    assert (status("startupProbe"), status("readinessProbe"), status("livenessProbe")) == (200, 200, 200)
+    # A stuck poll loop: the kubelet restarts the pod.
+    side_server.stalled()
+    assert status("livenessProbe") == 503
+    side_server.ready()
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_grace_period_covers_the_shutdown_timeout(rendered, overlay):
+    docs = rendered[overlay]
+    settings = settings_for(container_environment(docs, consumer_container(docs)))
+    pod = find(docs, "Deployment")["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] > settings.shutdown_timeout
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_metrics_are_found_by_every_scraper(rendered, overlay, side_server):
+    docs = rendered[overlay]
+    deployment = find(docs, "Deployment")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    container = consumer_container(docs)
+    settings = settings_for(container_environment(docs, container))
+
+    def serves_metrics(path: str) -> bool:
+        status, content_type, body = side_server.get(path)
+        return status == 200 and content_type.startswith("text/plain") and "# HELP diagram_" in body
+
+    assert selector_matches(deployment["spec"]["selector"], pod_labels)
+    service = find(docs, "Service", "diagram-consumer-metrics")
+    assert selector_matches(service["spec"]["selector"], pod_labels)
+    assert {named_port(container, p["targetPort"]) for p in service["spec"]["ports"]} == {settings.http_port}
+    monitor = find(docs, "PodMonitor")
+    assert selector_matches(monitor["spec"]["selector"], pod_labels)
+    for endpoint in monitor["spec"]["podMetricsEndpoints"]:
+        assert named_port(container, endpoint["port"]) == settings.http_port
+        assert serves_metrics(endpoint["path"])
+    # The job label the alert rules and the dashboard select on, as in deploy/prometheus/prometheus.yml.
+    jobs = {job["job_name"] for job in yaml.safe_load((K8S_DIR.parent / "prometheus" / "prometheus.yml").read_text())["scrape_configs"]}
+    assert pod_labels[monitor["spec"]["jobLabel"]] in jobs
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert int(annotations["prometheus.io/port"]) == settings.http_port
+    assert serves_metrics(annotations["prometheus.io/path"])
+    pdb = find(docs, "PodDisruptionBudget")
+    assert selector_matches(pdb["spec"]["selector"], pod_labels)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_keda_scales_on_the_lag_of_the_group_the_pods_consume_as(rendered, overlay):
+    docs = rendered[overlay]
+    container = consumer_container(docs)
+    env = container_environment(docs, container)
+    settings = settings_for(env)
+    scaled = find(docs, "ScaledObject")
+    assert scaled["spec"]["scaleTargetRef"]["name"] == find(docs, "Deployment")["metadata"]["name"]
+    assert scaled["spec"]["scaleTargetRef"].get("kind", "Deployment") == "Deployment"
+    assert 1 <= scaled["spec"]["minReplicaCount"] <= scaled["spec"]["maxReplicaCount"]
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["type"] == "kafka"
+    metadata = trigger["metadata"]
+
+    # Every key is a parameter KEDA's kafka scaler reads (from its source), with an allowed value.
+    parameters = kafka_scaler_parameters()
+    for key, value in metadata.items():
+        name = key.removesuffix("FromEnv")
+        parameter = parameters.get(name)
+        assert parameter, f"KEDA's kafka scaler has no parameter {key}"
+        assert ("resolvedEnv" if key.endswith("FromEnv") else "triggerMetadata") in parameter.orders, key
+        if parameter.enum and not key.endswith("FromEnv"):
+            assert value in parameter.enum, f"{key}: {value} not in {sorted(parameter.enum)}"
+
+    # KEDA reads the group, topic and brokers from the consumer container's own environment.
+    resolved = {key.removesuffix("FromEnv"): env[value] for key, value in metadata.items() if key.endswith("FromEnv")}
+    assert resolved["bootstrapServers"] == settings.kafka_bootstrap_servers
+    assert resolved["consumerGroup"] == settings.kafka_group_id
+    assert resolved["topic"] == settings.input_topic
+    assert metadata["offsetResetPolicy"] == settings.consumer_config()["auto.offset.reset"]
+    protocol = settings.kafka_extra.get("security.protocol", "PLAINTEXT").upper()
+    assert metadata.get("tls", "disable") == ("enable" if protocol in ("SSL", "SASL_SSL") else "disable")
+    mechanism = settings.kafka_extra.get("sasl.mechanism") if protocol.startswith("SASL") else None
+    assert metadata.get("sasl", "none") == (KEDA_SASL[mechanism.upper()] if mechanism else "none")
+
+    auth = find(docs, "TriggerAuthentication", trigger["authenticationRef"]["name"])
+    for ref in auth["spec"]["secretTargetRef"]:
+        assert "authParams" in parameters[ref["parameter"]].orders, ref
+    if mechanism:
+        assert {"username", "password"} <= {ref["parameter"] for ref in auth["spec"]["secretTargetRef"]}
+    if "ssl.ca.location" in settings.kafka_extra:
+        assert "ca" in {ref["parameter"] for ref in auth["spec"]["secretTargetRef"]}
+
+
+def test_overlays_fit_their_hardware(rendered):
+    for overlay, tag in (("cpu", "cpu"), ("gpu", "cuda")):
+        docs = rendered[overlay]
+        container = consumer_container(docs)
+        assert container["image"].endswith(f":{tag}")
+        pod = find(docs, "Deployment")["spec"]["template"]["spec"]
+        resources = container["resources"]
+        if overlay == "gpu":
+            assert int(resources["limits"]["nvidia.com/gpu"]) >= 1
+            assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
+            # No surge pod: a rollout must not need a spare GPU.
+            assert find(docs, "Deployment")["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0
+        else:
+            assert "nvidia.com/gpu" not in resources.get("limits", {})
+            env = container_environment(docs, container)
+            cpus = re.fullmatch(r"(\d+)", str(resources["requests"]["cpu"]))
+            assert cpus and env["OMP_NUM_THREADS"] == cpus.group(1)

@@ -220,3 +220,27 @@ def test_overlays_fit_their_hardware(rendered):
             env = container_environment(docs, container)
             cpus = re.fullmatch(r"(\d+)", str(resources["requests"]["cpu"]))
             assert cpus and env["OMP_NUM_THREADS"] == cpus.group(1)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pod_fits_the_image(rendered, overlay):
+    from tests.deploy.manifests import Dockerfile
+
+    docs = rendered[overlay]
+    container = consumer_container(docs)
+    settings = settings_for(container_environment(docs, container))
+    image = Dockerfile().image_config({"VARIANT": "cpu" if overlay == "cpu" else "cuda", "MODEL_SOURCE": "hub"})
+    pod = find(docs, "Deployment")["spec"]["template"]["spec"]
+    # The image's user, so the volumes it writes (fsGroup) are its own.
+    uid, _, gid = image.user.partition(":")
+    assert pod["securityContext"]["runAsUser"] == int(uid) and pod["securityContext"]["fsGroup"] == int(gid or uid)
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    # The adapter where ADAPTER_PATH points, read-only; the model cache where the image's HF_HOME is,
+    # writable (the root filesystem is read-only).
+    adapter = mounts[str(settings.adapter_path)]
+    assert adapter.get("readOnly") is True
+    cache = mounts[settings.hf_home or image.env["HF_HOME"]]
+    assert not cache.get("readOnly") and "emptyDir" in volumes[cache["name"]]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert "/tmp" in mounts

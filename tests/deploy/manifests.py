@@ -174,7 +174,10 @@ class Dockerfile:
     def chain(self, build_args: Mapping[str, str] | None = None) -> list[Stage | str]:
         """The final stage and the stages (or external image) it builds on, base first."""
         args = {**self.global_args, **(build_args or {})}
-        expand = lambda text: re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: args[m.group(1) or m.group(2)], text)  # noqa: E731
+
+        def expand(text: str) -> str:
+            return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: args[m.group(1) or m.group(2)], text)
+
         names = {stage.name: stage for stage in self.stages if stage.name}
         chain: list[Stage | str] = [self.stages[-1]]
         while True:
@@ -328,7 +331,8 @@ def duration_seconds(text: str | int | float) -> float:
 CRD_FILES = {
     ("keda.sh/v1alpha1", "ScaledObject"): TOOLS / "keda" / "keda.sh_scaledobjects.yaml",
     ("keda.sh/v1alpha1", "TriggerAuthentication"): TOOLS / "keda" / "keda.sh_triggerauthentications.yaml",
-    ("monitoring.coreos.com/v1", "PodMonitor"): TOOLS / "prometheus-operator" / "monitoring.coreos.com_podmonitors.yaml",
+    ("monitoring.coreos.com/v1", "PodMonitor"):
+        TOOLS / "prometheus-operator" / "monitoring.coreos.com_podmonitors.yaml",
 }
 KAFKA_SCALER_SOURCE = TOOLS / "keda" / "kafka_scaler.go"
 

@@ -44,7 +44,8 @@ def environment(service: dict) -> dict[str, str | None]:
 def test_the_cli_rejects_a_broken_file(tmp_path):
     # The check below means something only if the CLI does validate: a misspelt key must fail it.
     broken = tmp_path / "docker-compose.yml"
-    broken.write_text((REPO_ROOT / "docker-compose.yml").read_text().replace("stop_grace_period:", "stop_grace_periods:"))
+    original = (REPO_ROOT / "docker-compose.yml").read_text()
+    broken.write_text(original.replace("stop_grace_period:", "stop_grace_periods:"))
     with pytest.raises(AssertionError, match="rejected"):
         compose_config(compose_cli(), broken)
 
@@ -65,9 +66,8 @@ def test_every_service_has_an_image_and_its_files(compose):
 
 
 def test_default_profile_runs_the_cpu_consumer_and_gpu_profile_the_gpu_one(compose):
-    dotenv = dict(
-        line.split("=", 1) for line in (REPO_ROOT / ".env").read_text().splitlines() if line and not line.startswith("#")
-    )
+    lines = (REPO_ROOT / ".env").read_text().splitlines()
+    dotenv = dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
     assert dotenv["COMPOSE_PROFILES"] == "cpu"
     for profile, consumer in CONSUMERS.items():
         services = started_with(compose, profile)
@@ -130,11 +130,15 @@ def test_grafana_gets_the_datasource_and_the_dashboard(compose):
     grafana = compose["services"]["grafana"]
     provisioning = host_path(grafana, "/etc/grafana/provisioning")
     assert provisioning is not None and provisioning.is_dir()
-    datasources = [ds for f in (provisioning / "datasources").glob("*.y*ml") for ds in yaml.safe_load(f.read_text())["datasources"]]
+    datasources = [
+        ds for f in (provisioning / "datasources").glob("*.y*ml") for ds in yaml.safe_load(f.read_text())["datasources"]
+    ]
     prometheus_ds = [ds for ds in datasources if ds["type"] == "prometheus"]
     assert prometheus_ds and all(ds["url"] == "http://prometheus:9090" for ds in prometheus_ds)
     assert 9090 in container_ports(compose["services"]["prometheus"])
-    providers = [p for f in (provisioning / "dashboards").glob("*.y*ml") for p in yaml.safe_load(f.read_text())["providers"]]
+    providers = [
+        p for f in (provisioning / "dashboards").glob("*.y*ml") for p in yaml.safe_load(f.read_text())["providers"]
+    ]
     dashboards = []
     for provider in providers:
         directory = host_path(grafana, provider["options"]["path"])

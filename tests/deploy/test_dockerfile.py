@@ -87,9 +87,11 @@ def test_healthcheck_follows_liveness_on_the_real_side_server(dockerfile, args, 
     assert argv[0] == "python"
     default_port = re.search(r"os\.environ\.get\('HTTP_PORT', '(\d+)'\)", " ".join(argv))
     assert default_port and int(default_port.group(1)) == settings_for({}).http_port
-    run = lambda: subprocess.run(  # noqa: E731
-        [sys.executable, *argv[1:]], env={"HTTP_PORT": str(side_server.port)}, capture_output=True, timeout=30
-    ).returncode
+
+    def run() -> int:
+        env = {"HTTP_PORT": str(side_server.port)}
+        return subprocess.run([sys.executable, *argv[1:]], env=env, capture_output=True, timeout=30).returncode
+
     # Healthy while the model loads (the process is alive), unhealthy once the poll loop stalls.
     side_server.loading()
     assert run() == 0

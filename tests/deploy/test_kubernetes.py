@@ -150,7 +150,8 @@ def test_metrics_are_found_by_every_scraper(rendered, overlay, side_server):
         assert named_port(container, endpoint["port"]) == settings.http_port
         assert serves_metrics(endpoint["path"])
     # The job label the alert rules and the dashboard select on, as in deploy/prometheus/prometheus.yml.
-    jobs = {job["job_name"] for job in yaml.safe_load((K8S_DIR.parent / "prometheus" / "prometheus.yml").read_text())["scrape_configs"]}
+    prometheus = yaml.safe_load((K8S_DIR.parent / "prometheus" / "prometheus.yml").read_text())
+    jobs = {job["job_name"] for job in prometheus["scrape_configs"]}
     assert pod_labels[monitor["spec"]["jobLabel"]] in jobs
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
     assert int(annotations["prometheus.io/port"]) == settings.http_port

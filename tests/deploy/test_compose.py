@@ -53,6 +53,10 @@ def test_the_cli_rejects_a_broken_file(tmp_path):
 def test_every_service_has_an_image_and_its_files(compose):
     for name, service in compose["services"].items():
         assert service.get("image") or service.get("build"), f"{name}: neither image nor build"
+        if "build" not in service:
+            # A pulled image is pinned: `docker compose up` next year starts the same stack.
+            tag = service["image"].rpartition(":")[2]
+            assert "/" not in tag and tag not in ("", "latest"), f"{name}: {service['image']} is not pinned"
         if "build" in service:
             context = Path(service["build"]["context"])
             assert (context / service["build"].get("dockerfile", "Dockerfile")).is_file(), name

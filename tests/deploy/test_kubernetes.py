@@ -105,6 +105,8 @@ def test_probes_ask_the_side_server_the_right_question(rendered, overlay, side_s
     for probe in probes.values():
         assert named_port(container, probe["port"]) == settings.http_port
         assert ("GET", probe["path"]) in side_server.routes
+    # The kubelet asks several times within LIVENESS_TIMEOUT, so a stall is seen soon after it starts.
+    assert container["livenessProbe"]["periodSeconds"] < settings.liveness_timeout
 
     def status(kind: str) -> int:
         return side_server.get(probes[kind]["path"])[0]

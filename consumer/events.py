@@ -10,9 +10,17 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticSerializationError, to_json
 
 from consumer.errors import ParseError
+
+MAX_ID_CHARS = 256
+"""An id travels in every log line and dead-letter header, so it is kept short."""
+MAX_PROMPT_CHARS = 8192
+"""An event's prompt goes to the model as is; a huge one would cost minutes of compute and memory."""
+MAX_METADATA_DEPTH = 32
+"""metadata is passed through to the result, which must serialise: deeper nesting is refused up front."""
 
 
 class ImageRef(BaseModel):
@@ -41,10 +49,34 @@ class DiagramEvent(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    id: str = Field(min_length=1, description="the caller's id; copied to the result")
+    id: str = Field(min_length=1, max_length=MAX_ID_CHARS, description="the caller's id; copied to the result")
     image: ImageRef
-    prompt: str | None = Field(None, description="instruction overriding the default PROMPT")
+    prompt: str | None = Field(
+        None, max_length=MAX_PROMPT_CHARS, description="instruction overriding the default PROMPT"
+    )
     metadata: dict[str, Any] | None = Field(None, description="passed through to the result as input_metadata")
+
+    @field_validator("metadata")
+    @classmethod
+    def _passes_through(cls, metadata: dict[str, Any] | None) -> dict[str, Any] | None:
+        # Checked here, because a result that cannot be serialised would fail after the model ran.
+        if metadata is not None:
+            if _depth(metadata, MAX_METADATA_DEPTH) > MAX_METADATA_DEPTH:
+                raise ValueError(f"nested deeper than {MAX_METADATA_DEPTH} levels")
+            try:
+                to_json(metadata)
+            except PydanticSerializationError as exc:
+                raise ValueError(f"cannot be passed through to the result: {exc}") from None
+        return metadata
+
+
+def _depth(value: Any, limit: int, level: int = 1) -> int:
+    """Nesting depth of a JSON value, counting stops just past `limit`."""
+    if level > limit or not isinstance(value, (dict, list)):
+        return level
+    children = value.values() if isinstance(value, dict) else value
+    nested = (child for child in children if isinstance(child, (dict, list)))
+    return max((_depth(child, limit, level + 1) for child in nested), default=level)
 
 
 class Source(BaseModel):
@@ -86,15 +118,32 @@ class DeadLetterHeaders(BaseModel):
     source_partition: str = Field(alias="source.partition")
     source_offset: str = Field(alias="source.offset")
     event_id: str | None = Field(None, alias="event.id", description="the event's id, when it could be read")
+    error_value_omitted: str | None = Field(
+        None,
+        alias="error.value_omitted",
+        description="present when the record's value was left out of the dead letter because it is over "
+        "MAX_EVENT_BYTES: the value's size in bytes (read it from source.topic/partition/offset)",
+    )
 
 
-def parse_event(value: bytes | None) -> DiagramEvent:
-    """Parse an input record's value; every failure is a `ParseError` naming the field."""
+def parse_event(value: bytes | None, max_bytes: int | None = None) -> DiagramEvent:
+    """Parse an input record's value; every failure is a `ParseError` naming the field.
+
+    A value over `max_bytes` (MAX_EVENT_BYTES) is refused before it is parsed.
+    """
     if value is None:
         raise ParseError("record has no value (tombstone); expected a JSON diagram event", reason="empty")
+    if max_bytes is not None and len(value) > max_bytes:
+        raise ParseError(
+            f"event is {len(value)} bytes, over MAX_EVENT_BYTES={max_bytes}; "
+            "send large images as a url or path reference instead of inline base64",
+            reason="too_large",
+        )
     try:
         document = json.loads(value)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except RecursionError:
+        raise ParseError("value is JSON nested too deeply to parse", reason="not_json") from None
+    except ValueError as exc:  # also bad UTF-8, and integers longer than Python converts
         raise ParseError(f"value is not JSON: {exc}", reason="not_json") from None
     if not isinstance(document, dict):
         raise ParseError(f"event must be a JSON object, got {type(document).__name__}", reason="not_object")
@@ -108,9 +157,15 @@ def parse_event(value: bytes | None) -> DiagramEvent:
 
 
 def event_id_hint(value: bytes | None) -> str | None:
-    """The `id` of a record that failed to parse, when there is one to read: for logs and headers."""
+    """The `id` of a record that failed to parse, when there is one to read: for logs and headers.
+
+    Always valid UTF-8 and at most 200 characters, so it is safe to put in a Kafka header.
+    """
     try:
         document = json.loads(value or b"")
-        return str(document["id"])[:200] if isinstance(document, dict) and "id" in document else None
-    except (ValueError, TypeError):
+    except (ValueError, RecursionError):
         return None
+    if not isinstance(document, dict) or "id" not in document:
+        return None
+    hint = document["id"] if isinstance(document["id"], str) else json.dumps(document["id"])[:200]
+    return hint[:200].encode("utf-8", "replace").decode("utf-8")

@@ -1,29 +1,52 @@
 """Image references -> decoded, bounded, RGB PIL images.
 
-Every reference comes from another service, so each path is defensive: URLs are fetched only from
-public addresses (unless the host is in IMAGE_ALLOWED_HOSTS), over the address that was checked, with
-timeouts and a byte cap enforced while streaming; paths stay under IMAGE_ROOT; base64 is size-capped
-before decoding; and the pixel count is read from the header and checked before any pixel is decoded.
-Every refusal is a `FetchError` or `DecodeError` whose message says what to fix.
+Every reference comes from another service, so each kind is handled defensively:
+
+- url: http and https only. The host is resolved once; every address it resolves to must be public
+  (not loopback, private, CGNAT, link-local, multicast, reserved or unspecified, v4 or v6, embedded
+  v4 forms judged by their v4 part) unless the host is listed in IMAGE_ALLOWED_HOSTS. The connection
+  goes to the checked address (no second lookup that DNS rebinding could answer differently), TLS
+  verifies the certificate against the URL's host name, each redirect (at most 3) is checked the same
+  way, and IMAGE_FETCH_TIMEOUT bounds the whole fetch - connect, headers and a body trickled one byte
+  at a time - because a watchdog shuts the socket when it runs out. IMAGE_MAX_BYTES is enforced
+  while streaming.
+- path: only under IMAGE_ROOT (after resolving `..` and symlinks); unset refuses path references.
+- base64: size-capped before decoding, strict alphabet and padding (ASCII whitespace such as MIME
+  line breaks is allowed and ignored; a `data:...;base64,` prefix is accepted).
+- decoding: the format is sniffed from the bytes and must be a raster format this service opens;
+  width x height from the header is checked against IMAGE_MAX_DECODED_PIXELS before any pixel is
+  decoded, with Pillow's own bomb guard as an error as well; the first frame of an animation is used
+  and the result is always 8-bit RGB, rotated by its EXIF orientation.
+
+Every refusal is a `FetchError` or `DecodeError` with a short `reason` and a message that says what to
+fix; nothing else escapes `ImageResolver.resolve` for bad input (tests/unit/test_images.py checks
+this with arbitrary bytes and text).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import errno
+import http.client
 import io
 import ipaddress
 import logging
+import os
 import socket
+import ssl
+import stat
+import threading
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import TYPE_CHECKING
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 import urllib3
 from PIL import Image, ImageOps, UnidentifiedImageError
+from urllib3.util.ssl_match_hostname import CertificateError as _HostnameMismatch
 
 from consumer.errors import DecodeError, FetchError
 from consumer.events import ImageRef
@@ -33,9 +56,20 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-RASTER_FORMATS = {"PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF", "MPO"}
+# The Pillow plugins allowed to parse the bytes at all: fewer parsers, fewer ways in (EPS, for one,
+# would run Ghostscript). JPEG's opener also opens MPO, the multi-picture JPEG some cameras write.
+RASTER_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF")
 MAX_REDIRECTS = 3
+MAX_URL_CHARS = 8192
+CONNECT_TIMEOUT_S = 5.0
+REDIRECT_STATUSES = (301, 302, 303, 307, 308)
 _CHUNK = 64 * 1024
+_WHITESPACE = str.maketrans("", "", " \t\r\n\f\v")
+# Characters left as they are when a path or query is percent-encoded for the request line: the
+# reserved set plus '%', so an already-encoded URL is sent unchanged and only unsafe ones are encoded.
+_URL_SAFE = "!#$%&'()*+,/:;=?@[]~"
+# NAT64's well-known prefix carries a v4 address in its last 32 bits (RFC 6052).
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 
 @dataclass(frozen=True)
@@ -50,12 +84,125 @@ class LoadedImage:
         return self.image.size
 
 
+@dataclass(frozen=True)
+class UrlTarget:
+    """A URL taken apart for one request: what to resolve, where to connect, what to send."""
+
+    url: str
+    scheme: str
+    host: str
+    """The host name as DNS, TLS and IMAGE_ALLOWED_HOSTS see it: lower-case, ASCII (IDNA), no brackets."""
+    port: int
+    request_path: str
+    host_header: str
+
+
 def address_is_public(address: str) -> bool:
-    """True for a globally routable unicast address (IPv4-mapped IPv6 judged by its IPv4 part)."""
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    """True for a globally routable unicast address.
+
+    Forms that carry an IPv4 address inside IPv6 (mapped ::ffff:a.b.c.d, 6to4 2002::/16, NAT64
+    64:ff9b::/96) are judged by that IPv4 address, so none of them is a way to reach 127.0.0.1.
+    """
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        elif ip.sixtofour is not None:
+            ip = ip.sixtofour
+        elif ip in _NAT64:
+            ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        elif ip.is_site_local:
+            return False
     return ip.is_global and not (ip.is_multicast or ip.is_unspecified or ip.is_reserved or ip.is_link_local)
+
+
+def parse_image_url(url: str) -> UrlTarget:
+    """Check and take apart an image URL; every problem is a `FetchError` (`bad_url`/`bad_scheme`)."""
+    shown = url[:200]
+    if len(url) > MAX_URL_CHARS:
+        raise FetchError(f"image.url is {len(url)} characters, over {MAX_URL_CHARS}", reason="bad_url")
+    if any(ord(ch) <= 0x20 or ord(ch) == 0x7F for ch in url):
+        raise FetchError(
+            f"image.url {shown!r} contains whitespace or control characters; percent-encode them", reason="bad_url"
+        )
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+        hostname = parts.hostname
+    except ValueError as exc:
+        raise FetchError(f"image.url {shown!r} is not a valid URL: {exc}", reason="bad_url") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        hint = " (inline images go in image.base64)" if scheme == "data" else ""
+        raise FetchError(
+            f"image.url must be http:// or https://, got {scheme or 'no'} scheme in {shown!r}{hint}",
+            reason="bad_scheme",
+        )
+    if not hostname:
+        raise FetchError(f"image.url {shown!r} has no host", reason="bad_url")
+    try:
+        host = hostname.rstrip(".") if _is_ip(hostname) else hostname.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise FetchError(f"image.url host {hostname[:100]!r} is not a valid host name", reason="bad_url") from None
+    if port == 0:
+        raise FetchError(f"image.url {shown!r} has port 0", reason="bad_url")
+    default_port = 443 if scheme == "https" else 80
+    bracketed = f"[{host}]" if ":" in host else host
+    request_path = quote(parts.path or "/", safe=_URL_SAFE)
+    if parts.query:
+        request_path += "?" + quote(parts.query, safe=_URL_SAFE)
+    return UrlTarget(
+        url=url, scheme=scheme, host=host.lower(), port=port or default_port, request_path=request_path,
+        host_header=bracketed if port is None else f"{bracketed}:{port}",
+    )
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
+
+
+class _Deadline:
+    """The whole fetch's time budget. When it runs out, the socket being read is shut down, which
+    wakes a blocked read at once however slowly the server is trickling bytes."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.expires_at = time.monotonic() + seconds
+        self.expired = False
+        self._lock = threading.Lock()
+        self._connection: http.client.HTTPConnection | None = None
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+
+    def remaining(self) -> float:
+        return max(self.expires_at - time.monotonic(), 0.001)
+
+    def watch(self, connection: http.client.HTTPConnection | None) -> None:
+        with self._lock:
+            self._connection = connection
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            sock = getattr(self._connection, "sock", None)
+        if sock is not None:
+            try:
+                # The plain socket method: SSLSocket.shutdown would also drop its TLS state under
+                # the reading thread's feet.
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 class ImageResolver:
@@ -65,8 +212,13 @@ class ImageResolver:
         self.settings = settings
         self.image_root = settings.image_root.resolve() if settings.image_root else None
         self.allowed_hosts = settings.image_allowed_hosts
+        # Pillow only warns between MAX_IMAGE_PIXELS and twice that, and turning the warning into an
+        # error needs warnings.catch_warnings, which is not thread-safe; so its limit is applied here.
+        pillow_limit = Image.MAX_IMAGE_PIXELS or settings.image_max_decoded_pixels
+        self.pixel_limit = min(settings.image_max_decoded_pixels, pillow_limit)
 
     def resolve(self, ref: ImageRef) -> LoadedImage:
+        """Fetch and decode; raises only `FetchError` or `DecodeError` for a bad reference or image."""
         started = time.perf_counter()
         if ref.url is not None:
             data = self.fetch_url(ref.url)
@@ -83,176 +235,317 @@ class ImageResolver:
 
     # -- base64 ----------------------------------------------------------------------------------
     def decode_base64(self, text: str) -> bytes:
+        """Inline base64 -> bytes. Strict alphabet and padding; ASCII whitespace (MIME line breaks)
+        is ignored; a `data:<type>;base64,` prefix is accepted. The size is checked first."""
         limit = self.settings.image_max_bytes
-        if len(text) > (limit + 2) // 3 * 4 + 4:
-            raise FetchError(
-                f"inline base64 image is {len(text)} characters, over the {limit}-byte limit "
-                "(IMAGE_MAX_BYTES); send a url or path reference for large images",
-                reason="too_large",
-            )
-        if text.startswith("data:") and "," in text:
-            text = text.split(",", 1)[1]  # tolerate a data: URL prefix
+        max_chars = (limit + 2) // 3 * 4
+        # Room for a line break every 76 characters and a data: prefix, before anything is copied.
+        if len(text) > max_chars + max_chars // 38 + 256:
+            raise self._base64_too_large(len(text))
+        if text.startswith("data:"):
+            prefix, comma, text = text.partition(",")
+            if not comma or not prefix.lower().endswith(";base64"):
+                raise FetchError(
+                    "image.base64 holds a data: URL that is not base64-encoded; expected 'data:<type>;base64,...'",
+                    reason="invalid_base64",
+                )
+        compact = text.translate(_WHITESPACE)
+        if len(compact) > max_chars:
+            raise self._base64_too_large(len(compact))
         try:
-            return base64.b64decode(text, validate=True)
+            data = base64.b64decode(compact, validate=True)
         except (binascii.Error, ValueError) as exc:
-            raise FetchError(f"image.base64 is not valid base64: {exc}", reason="invalid_base64") from None
+            raise FetchError(
+                f"image.base64 is not valid base64 (standard alphabet, '=' padding): {exc}", reason="invalid_base64"
+            ) from None
+        if len(data) > limit:
+            raise self._base64_too_large(len(compact))
+        return data
+
+    def _base64_too_large(self, chars: int) -> FetchError:
+        return FetchError(
+            f"image.base64 is {chars} characters, over the {self.settings.image_max_bytes}-byte limit "
+            "(IMAGE_MAX_BYTES); send a url or path reference for large images",
+            reason="too_large",
+        )
 
     # -- path ------------------------------------------------------------------------------------
     def read_path(self, reference: str) -> bytes:
+        """Read a file under IMAGE_ROOT; `..`, other absolute paths and symlinks out of it are refused."""
         if self.image_root is None:
             raise FetchError("path references are disabled: IMAGE_ROOT is not set", reason="path_disabled")
+        shown = reference[:200]
+        if "\x00" in reference:
+            raise FetchError(f"image.path {shown!r} contains a NUL character", reason="bad_path")
         candidate = Path(reference)
         if not candidate.is_absolute():
             candidate = self.image_root / candidate
         try:
             resolved = candidate.resolve(strict=True)
-        except (OSError, RuntimeError):
-            raise FetchError(f"image path {reference!r} does not exist under IMAGE_ROOT", reason="not_found") from None
+        except FileNotFoundError:
+            raise FetchError(f"image.path {shown!r} does not exist under IMAGE_ROOT", reason="not_found") from None
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise FetchError(f"image.path {shown!r} cannot be resolved: {exc}", reason="bad_path") from None
         if not resolved.is_relative_to(self.image_root):
             raise FetchError(
-                f"image path {reference!r} resolves outside IMAGE_ROOT ({self.image_root})", reason="outside_root"
+                f"image.path {shown!r} resolves outside IMAGE_ROOT ({self.image_root})", reason="outside_root"
             )
-        if not resolved.is_file():
-            raise FetchError(f"image path {reference!r} is not a regular file", reason="not_a_file")
-        size = resolved.stat().st_size
-        if size > self.settings.image_max_bytes:
-            raise FetchError(
-                f"image file is {size} bytes, over IMAGE_MAX_BYTES={self.settings.image_max_bytes}", reason="too_large"
-            )
-        return resolved.read_bytes()
+        # Checks run on the opened descriptor, so the file cannot be swapped between check and read;
+        # O_NOFOLLOW refuses a last component turned into a symlink since it was resolved.
+        try:
+            fd = os.open(resolved, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError as exc:
+            reason = "outside_root" if exc.errno == errno.ELOOP else "unreadable"
+            raise FetchError(f"image.path {shown!r} cannot be opened: {exc.strerror}", reason=reason) from None
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise FetchError(f"image.path {shown!r} is not a regular file", reason="not_a_file")
+            limit = self.settings.image_max_bytes
+            if info.st_size > limit:
+                raise FetchError(
+                    f"image file {shown!r} is {info.st_size} bytes, over IMAGE_MAX_BYTES={limit}", reason="too_large"
+                )
+            with os.fdopen(os.dup(fd), "rb") as file:
+                data = file.read(limit + 1)
+        except OSError as exc:
+            raise FetchError(f"image.path {shown!r} cannot be read: {exc.strerror}", reason="unreadable") from None
+        finally:
+            os.close(fd)
+        if len(data) > limit:  # it grew since fstat
+            raise FetchError(f"image file {shown!r} is over IMAGE_MAX_BYTES={limit}", reason="too_large")
+        return data
 
     # -- url -------------------------------------------------------------------------------------
     def fetch_url(self, url: str) -> bytes:
-        deadline = time.monotonic() + self.settings.image_fetch_timeout
-        for _ in range(MAX_REDIRECTS + 1):
-            response = self._request(url, deadline)
-            if response.status in (301, 302, 303, 307, 308) and response.headers.get("Location"):
-                url = urljoin(url, response.headers["Location"])
-                response.release_conn()
-                continue
-            return self._read_body(url, response, deadline)
-        raise FetchError(f"more than {MAX_REDIRECTS} redirects fetching the image", reason="too_many_redirects")
+        """GET the image, following at most MAX_REDIRECTS redirects, each one checked like the first."""
+        first_url = url
+        with _Deadline(self.settings.image_fetch_timeout) as deadline:
+            for hop in range(MAX_REDIRECTS + 1):
+                try:
+                    location = self._fetch_once(url, deadline)
+                except FetchError as error:
+                    if hop:
+                        error.message = f"{error.message} (reached by redirect from {first_url[:200]})"
+                        error.args = (error.message,)
+                    raise
+                if isinstance(location, bytes):
+                    return location
+                url = location
+        raise FetchError(
+            f"more than {MAX_REDIRECTS} redirects fetching {first_url[:200]}", reason="too_many_redirects"
+        )
 
-    def _checked_address(self, host: str, port: int) -> str:
-        """Resolve `host` once and return the address to connect to, refusing non-public ones."""
+    def _fetch_once(self, url: str, deadline: _Deadline) -> bytes | str:
+        """One request: the body, or the absolute URL a redirect points to."""
+        target = parse_image_url(url)
+        addresses = self._checked_addresses(target)
+        connection = None
         try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            connection = self._connect(target, addresses, deadline)
+            connection.request(
+                "GET", target.request_path,
+                headers={"Host": target.host_header, "Accept": "image/*", "Accept-Encoding": "identity",
+                         "User-Agent": "diagram-consumer"},
+                preload_content=False, decode_content=False,
+            )
+            response = connection.getresponse()
+            if response.status in REDIRECT_STATUSES and response.headers.get("Location"):
+                return urljoin(url, response.headers["Location"])
+            if response.status >= 400:
+                retryable = response.status >= 500 or response.status in (408, 429)
+                raise FetchError(
+                    f"image URL {url[:200]} answered HTTP {response.status}",
+                    reason=f"http_{response.status}", retryable=retryable,
+                )
+            body = self._read_body(target, response)
+            if deadline.expired:  # the watchdog ended the body early: it is cut short, not complete
+                raise self._timeout(target)
+            return body
+        except FetchError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - http.client, ssl and urllib3 raise a zoo; each maps below
+            raise self._network_error(target, exc, deadline) from None
+        finally:
+            deadline.watch(None)
+            if connection is not None:
+                connection.close()
+
+    def _checked_addresses(self, target: UrlTarget) -> list[str]:
+        """Resolve the host once; refuse it if any address is not public, unless the host is allowed."""
+        try:
+            infos = socket.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
         except socket.gaierror as exc:
-            raise FetchError(f"cannot resolve image host {host!r}: {exc}", reason="dns", retryable=True) from None
-        addresses = [info[4][0] for info in infos]
-        if host.lower() not in self.allowed_hosts:
+            raise FetchError(
+                f"cannot resolve image host {target.host!r}: {exc.strerror}",
+                reason="dns", retryable=exc.errno == socket.EAI_AGAIN,
+            ) from None
+        except (UnicodeError, ValueError, OSError) as exc:
+            raise FetchError(f"cannot resolve image host {target.host!r}: {exc}", reason="dns") from None
+        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        if target.host not in self.allowed_hosts:
             private = [address for address in addresses if not address_is_public(address)]
             if private:
                 raise FetchError(
-                    f"image host {host!r} resolves to a non-public address ({private[0]}); "
+                    f"image host {target.host!r} resolves to a non-public address ({private[0]}); "
                     "add it to IMAGE_ALLOWED_HOSTS if it is a trusted internal image server",
                     reason="forbidden_address",
                 )
-        return addresses[0]
+        return addresses
 
-    def _request(self, url: str, deadline: float) -> urllib3.BaseHTTPResponse:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise FetchError(f"image URL must be http or https with a host, got {url[:200]!r}", reason="bad_scheme")
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        address = self._checked_address(parts.hostname, port)
-        remaining = max(deadline - time.monotonic(), 0.1)
-        timeout = urllib3.Timeout(connect=min(remaining, 5.0), read=remaining)
-        # Connect to the address that was checked (no second DNS lookup that could be rebound);
-        # TLS still verifies the certificate against the URL's host name.
-        if parts.scheme == "https":
-            pool: urllib3.HTTPConnectionPool = urllib3.HTTPSConnectionPool(
-                address, port, timeout=timeout, retries=False, server_hostname=parts.hostname,
-                assert_hostname=parts.hostname,
-            )
-        else:
-            pool = urllib3.HTTPConnectionPool(address, port, timeout=timeout, retries=False)
-        path = parts.path or "/"
-        if parts.query:
-            path += "?" + parts.query
-        host_header = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
-        try:
-            response = pool.urlopen(
-                "GET", path, headers={"Host": host_header, "Accept": "image/*"}, redirect=False,
-                preload_content=False, assert_same_host=False,
-            )
-        except urllib3.exceptions.TimeoutError:
-            raise FetchError(f"timed out fetching {url[:200]}", reason="timeout", retryable=True) from None
-        except urllib3.exceptions.HTTPError as exc:
-            raise FetchError(f"cannot fetch {url[:200]}: {exc}", reason="connection", retryable=True) from None
-        if response.status >= 400:
-            response.release_conn()
-            retryable = response.status >= 500 or response.status == 429
-            raise FetchError(
-                f"image URL answered HTTP {response.status}", reason=f"http_{response.status}", retryable=retryable
-            )
-        return response
+    def _connect(
+        self, target: UrlTarget, addresses: list[str], deadline: _Deadline
+    ) -> urllib3.connection.HTTPConnection:
+        """Connect to the first checked address that answers; TLS checks the URL's host name."""
+        last_error: Exception | None = None
+        for address in addresses:
+            timeout = min(deadline.remaining(), CONNECT_TIMEOUT_S)
+            connection: urllib3.connection.HTTPConnection
+            if target.scheme == "https":
+                connection = urllib3.connection.HTTPSConnection(
+                    address, target.port, timeout=timeout, cert_reqs="CERT_REQUIRED",
+                    server_hostname=target.host, assert_hostname=target.host,
+                )
+            else:
+                connection = urllib3.connection.HTTPConnection(address, target.port, timeout=timeout)
+            deadline.watch(connection)
+            try:
+                connection.connect()
+            except (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError) as exc:
+                connection.close()
+                last_error = exc
+                if deadline.expired:
+                    break
+                continue  # the next checked address, as a browser would
+            except (ssl.SSLError, ssl.CertificateError, urllib3.exceptions.SSLError, _HostnameMismatch) as exc:
+                connection.close()
+                if deadline.expired:
+                    raise self._timeout(target) from None
+                raise FetchError(
+                    f"TLS with image host {target.host!r} failed (its certificate must be valid for that "
+                    f"name and trusted by this service): {exc}"[:500],
+                    reason="tls",
+                ) from None
+            if connection.sock is not None:
+                connection.sock.settimeout(deadline.remaining())
+            if deadline.expired:
+                connection.close()
+                raise self._timeout(target)
+            return connection
+        raise self._network_error(target, last_error or OSError("no address to connect to"), deadline)
 
-    def _read_body(self, url: str, response: urllib3.BaseHTTPResponse, deadline: float) -> bytes:
+    def _read_body(self, target: UrlTarget, response: urllib3.BaseHTTPResponse) -> bytes:
         limit = self.settings.image_max_bytes
-        declared = response.headers.get("Content-Length")
-        if declared and declared.isdigit() and int(declared) > limit:
-            response.release_conn()
-            raise FetchError(f"image is {declared} bytes, over IMAGE_MAX_BYTES={limit}", reason="too_large")
+        declared = response.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise FetchError(
+                f"image at {target.url[:200]} is {declared} bytes (Content-Length), over IMAGE_MAX_BYTES={limit}",
+                reason="too_large",
+            )
         body = bytearray()
-        try:
-            for chunk in response.stream(_CHUNK):
-                body += chunk
-                if len(body) > limit:
-                    raise FetchError(f"image is over IMAGE_MAX_BYTES={limit} bytes", reason="too_large")
-                if time.monotonic() > deadline:
-                    raise FetchError(
-                        f"fetching {url[:200]} took over IMAGE_FETCH_TIMEOUT", reason="timeout", retryable=True
-                    )
-        except urllib3.exceptions.HTTPError as exc:
-            raise FetchError(f"connection broke fetching {url[:200]}: {exc}", reason="connection", retryable=True) from None
-        finally:
-            response.release_conn()
+        for chunk in response.stream(_CHUNK, decode_content=False):
+            body += chunk
+            if len(body) > limit:  # whatever Content-Length said
+                raise FetchError(
+                    f"image at {target.url[:200]} is over IMAGE_MAX_BYTES={limit} bytes", reason="too_large"
+                )
         return bytes(body)
+
+    def _timeout(self, target: UrlTarget) -> FetchError:
+        return FetchError(
+            f"fetching {target.url[:200]} took over IMAGE_FETCH_TIMEOUT={self.settings.image_fetch_timeout:g} s",
+            reason="timeout", retryable=True,
+        )
+
+    def _network_error(self, target: UrlTarget, exc: BaseException, deadline: _Deadline) -> FetchError:
+        """Map what the HTTP stack raised to a FetchError; a watchdog shutdown reads as a timeout."""
+        if deadline.expired or isinstance(exc, (TimeoutError, urllib3.exceptions.TimeoutError)):
+            return self._timeout(target)
+        if isinstance(exc, http.client.HTTPException) and not isinstance(exc, ConnectionError):
+            # Lines over 64 KiB, more than 100 headers, a status line that is not HTTP.
+            return FetchError(
+                f"image host {target.host!r} sent a malformed HTTP response: {type(exc).__name__}: {exc}"[:500],
+                reason="bad_response",
+            )
+        if isinstance(exc, (OSError, urllib3.exceptions.HTTPError, http.client.HTTPException)):
+            return FetchError(
+                f"connection to image host {target.host!r} failed: {exc}"[:500], reason="connection", retryable=True
+            )
+        logger.warning("unexpected %s fetching %s: %s", type(exc).__name__, target.url[:200], exc)
+        message = f"fetching {target.url[:200]} failed: {type(exc).__name__}: {exc}"
+        return FetchError(message[:500], reason="bad_response")
 
     # -- decode ----------------------------------------------------------------------------------
     def decode(self, data: bytes) -> Image.Image:
-        head = data[:1024].lstrip()
-        if head.startswith(b"%PDF"):
-            raise DecodeError("PDF is not a raster image; render the page to PNG first", reason="not_raster")
-        if head[:5].lower() in (b"<?xml", b"<svg ") or b"<svg" in head[:512].lower():
-            raise DecodeError("SVG is not a raster image; render it to PNG first", reason="not_raster")
-        limit = self.settings.image_max_decoded_pixels
+        """Bytes -> 8-bit RGB image. Raises only `DecodeError`: not a raster image, too many pixels,
+        or corrupt. The pixel count comes from the header and is checked before any pixel is decoded."""
+        if not data:
+            raise DecodeError("image is empty (0 bytes)", reason="empty")
+        self._refuse_non_raster(data)
+        limit = self.pixel_limit
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image = Image.open(io.BytesIO(data))
-                if image.format not in RASTER_FORMATS:
-                    raise DecodeError(f"unsupported image format {image.format}", reason="unsupported_format")
-                width, height = image.size
-                if width * height > limit:
-                    raise DecodeError(
-                        f"image is {width}x{height} = {width * height} pixels, over the "
-                        f"{limit}-pixel limit (IMAGE_MAX_DECODED_PIXELS); downscale it before sending",
-                        reason="too_many_pixels",
-                    )
-                if getattr(image, "n_frames", 1) > 1:
-                    image.seek(0)  # animated: the first frame
-                image.load()
-                return to_rgb(ImageOps.exif_transpose(image) or image)
+            # Pillow's own guard stays on: Image.open itself raises past twice MAX_IMAGE_PIXELS.
+            image = Image.open(io.BytesIO(data), formats=RASTER_FORMATS)
+            width, height = image.size
+            if width * height > limit:
+                raise DecodeError(
+                    f"image is {width}x{height} = {width * height} pixels, over the {limit}-pixel limit "
+                    "(IMAGE_MAX_DECODED_PIXELS); downscale it before sending",
+                    reason="too_many_pixels",
+                )
+            # Image.open leaves an animation (GIF, APNG, WebP, MPO, multi-page TIFF) on its first
+            # frame; asking for n_frames would walk every frame, so nothing here does.
+            image.load()
+            ImageOps.exif_transpose(image, in_place=True)
         except DecodeError:
             raise
-        except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+        except Image.DecompressionBombError as exc:
+            raise DecodeError(
+                f"image is too large to decode safely ({exc}); the limit is {limit} pixels (IMAGE_MAX_DECODED_PIXELS)",
+                reason="too_many_pixels",
+            ) from None
+        except UnidentifiedImageError:
             raise DecodeError(
                 "bytes are not a supported raster image (PNG, JPEG, GIF, WebP, BMP, TIFF)", reason="not_an_image"
             ) from None
-        except (OSError, ValueError, SyntaxError, EOFError) as exc:
-            raise DecodeError(f"image is corrupt or truncated: {exc}", reason="corrupt") from None
+        except MemoryError:
+            raise DecodeError("image needs more memory to decode than is available", reason="out_of_memory") from None
+        except Exception as exc:  # noqa: BLE001 - Pillow's decoders raise many types on malformed input
+            message = f"image is corrupt or truncated: {type(exc).__name__}: {exc}"
+            raise DecodeError(message[:500], reason="corrupt") from None
+        try:
+            return to_rgb(image)
+        except (ValueError, OSError) as exc:
+            message = f"image mode {image.mode} cannot be converted to RGB: {exc}"
+            raise DecodeError(message[:500], reason="unsupported_mode") from None
+
+    @staticmethod
+    def _refuse_non_raster(data: bytes) -> None:
+        head = data[:1024].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+        if head.startswith(b"%pdf"):
+            raise DecodeError("PDF is not a raster image; render the page to PNG first", reason="not_raster")
+        if head.startswith(b"%!ps"):
+            raise DecodeError("PostScript is not a raster image; render it to PNG first", reason="not_raster")
+        if b"<svg" in head[:512]:
+            raise DecodeError("SVG is not a raster image; render it to PNG first", reason="not_raster")
+        if head.startswith((b"<!doctype html", b"<html")):
+            raise DecodeError(
+                "got an HTML page, not an image (an error or login page?); check the reference", reason="not_an_image"
+            )
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Palette, alpha, CMYK and 16-bit images to 8-bit RGB; transparency becomes white."""
+    """Palette, alpha, CMYK, 16-bit and float images to 8-bit RGB; transparency becomes white."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16-bit samples scaled to 8 bits; converting directly would clip everything above 255 to white.
         image = image.convert("I").point(lambda value: value * (1 / 256)).convert("L")
+    elif image.mode == "F":
+        image = image.convert("L")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
         background = Image.new("RGB", image.size, (255, 255, 255))
-        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
+        background.paste(rgba, mask=rgba.getchannel("A"))
         return background
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")

@@ -188,7 +188,7 @@ class Pipeline:
         epoch = self.tracker.add(tp, message.offset())
         self.metrics.in_flight.set(self.tracker.in_flight())
         try:
-            event = parse_event(message.value())
+            event = parse_event(message.value(), self.settings.max_event_bytes)
         except ProcessingError as error:
             self._dead_letter(message, error, epoch, event_id_hint(message.value()))
             return
@@ -391,7 +391,15 @@ class Pipeline:
             input_metadata=item.event.metadata,
         )
         value = result.model_dump_json().encode()
-        on_delivery = self._delivery_handler(item.message, item.epoch, item.event.id, "ok")
+
+        def too_large_for_broker() -> None:
+            error = PublishError(
+                f"result is {len(value)} bytes, larger than {self.settings.output_topic} accepts (max.message.bytes)",
+                reason="too_large",
+            )
+            self._dead_letter(message, error, item.epoch, item.event.id)
+
+        on_delivery = self._delivery_handler(item.message, item.epoch, item.event.id, "ok", too_large_for_broker)
         try:
             self.producer.produce(self.settings.output_topic, value=value, key=message.key(), on_delivery=on_delivery)
         except KafkaException as exc:
@@ -430,27 +438,57 @@ class Pipeline:
             headers["event.id"] = event_id
         self.metrics.failures.labels(error.stage, error.reason).inc()
         logger.warning(
-            "dead-lettering id=%s %s[%d]@%d: %s failed: %s",
-            event_id, message.topic(), message.partition(), message.offset(), error.stage, error.message,
+            "dead-lettering id=%s %s[%d]@%d: %s failed (%s): %s",
+            event_id, message.topic(), message.partition(), message.offset(), error.stage, error.reason, error.message,
             extra=event_fields(
                 event_id, message.topic(), message.partition(), message.offset(), "dead_lettered",
                 stage=error.stage, reason=error.reason, attempts=error.attempts,
             ),
         )
-        self.producer.produce(
-            self.settings.dlq_topic,
-            key=message.key(),
-            value=message.value(),
-            headers=list(headers.items()),
-            on_delivery=self._delivery_handler(message, epoch, event_id, "dead_lettered"),
-        )
+        oversized = len(message.value() or b"") > self.settings.max_event_bytes
+        self._produce_dead_letter(message, headers, epoch, event_id, omit_value=oversized)
 
-    def _delivery_handler(self, source: Message, epoch: int, event_id: str | None, outcome: str):
+    def _produce_dead_letter(
+        self, message: Message, headers: dict[str, str], epoch: int, event_id: str | None, omit_value: bool
+    ) -> None:
+        """The input's key and value with the error headers; a value too large to send is left out
+        (header error.value_omitted), so an oversized record cannot stop the partition."""
+        value = message.value()
+        if omit_value and value is not None:
+            headers = {**headers, "error.value_omitted": str(len(value))}
+            value = None
+
+        def without_value() -> None:
+            self._produce_dead_letter(message, headers, epoch, event_id, omit_value=True)
+
+        retry = without_value if value is not None else None
+        try:
+            self.producer.produce(
+                self.settings.dlq_topic,
+                key=message.key(),
+                value=value,
+                headers=list(headers.items()),
+                on_delivery=self._delivery_handler(message, epoch, event_id, "dead_lettered", retry),
+            )
+        except KafkaException as exc:
+            if retry is not None and exc.args[0].code() == KafkaError.MSG_SIZE_TOO_LARGE:
+                retry()
+                return
+            raise
+
+    def _delivery_handler(
+        self, source: Message, epoch: int, event_id: str | None, outcome: str,
+        on_too_large: Callable[[], None] | None = None,
+    ):
         tp = (source.topic(), source.partition())
         offset, timestamp = source.offset(), source.timestamp()[1]
         produced_at = time.monotonic()  # the handler is made just before its produce() call
 
         def on_delivery(error: KafkaError | None, _record: Message) -> None:
+            if error is not None and on_too_large is not None and error.code() == KafkaError.MSG_SIZE_TOO_LARGE:
+                logger.warning("broker refused %s for %s[%d]@%d as too large", outcome, tp[0], tp[1], offset)
+                on_too_large()  # the input is settled by what this produces instead
+                return
             if error is not None:
                 # The producer already retried for message.timeout.ms: this input must not be
                 # committed, and this member must stop so another one takes the partition over.

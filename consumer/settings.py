@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     input_topic: str = "diagram-events"
     output_topic: str = "diagram-descriptions"
     dlq_topic: str = "diagram-events-dlq"
+    max_event_bytes: int = Field(1_000_000, ge=1)
+    """Input records larger than this are dead-lettered unparsed, their value left out of the dead letter.
+    The default is librdkafka's message.max.bytes, the largest record this service's producer sends."""
     max_in_flight: int = Field(64, ge=1)
     """Events polled but not yet published; when full, partitions are paused (polling goes on)."""
     shutdown_timeout: float = Field(30.0, gt=0)

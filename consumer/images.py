@@ -119,12 +119,6 @@ def address_is_public(address: str) -> bool:
 def parse_image_url(url: str) -> UrlTarget:
     """Check and take apart an image URL; every problem is a `FetchError` (`bad_url`/`bad_scheme`)."""
     shown = url[:200]
-    if len(url) > MAX_URL_CHARS:
-        raise FetchError(f"image.url is {len(url)} characters, over {MAX_URL_CHARS}", reason="bad_url")
-    if any(ord(ch) <= 0x20 or ord(ch) == 0x7F for ch in url):
-        raise FetchError(
-            f"image.url {shown!r} contains whitespace or control characters; percent-encode them", reason="bad_url"
-        )
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -138,6 +132,13 @@ def parse_image_url(url: str) -> UrlTarget:
             f"image.url must be http:// or https://, got {scheme or 'no'} scheme in {shown!r}{hint}",
             reason="bad_scheme",
         )
+    # urlsplit drops tabs and line breaks silently; a request line must not carry them at all.
+    if any(ord(ch) <= 0x20 or ord(ch) == 0x7F for ch in url):
+        raise FetchError(
+            f"image.url {shown!r} contains whitespace or control characters; percent-encode them", reason="bad_url"
+        )
+    if len(url) > MAX_URL_CHARS:
+        raise FetchError(f"image.url is {len(url)} characters, over {MAX_URL_CHARS}", reason="bad_url")
     if not hostname:
         raise FetchError(f"image.url {shown!r} has no host", reason="bad_url")
     try:

@@ -5,7 +5,7 @@ Routes (GET):
   /redirect/<name>     302 to `server.redirects[name]`
   /loop                302 to itself, forever
   /status/<code>       that status, empty body
-  /trickle             says Content-Length 1 MB, then sends one byte every 50 ms
+  /trickle             says Content-Length 50 kB, then sends one byte every 50 ms
   /slow-headers        sends the status line, then one header byte every 50 ms
   /endless             no Content-Length, 64 KiB chunks of zeros until the client hangs up
   /declared-huge       Content-Length of 1 TB, then a trickle
@@ -78,7 +78,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def route_trickle(self, _arg: str) -> None:
         self.send_response(200)
-        self.send_header("Content-Length", str(1_000_000))
+        self.send_header("Content-Length", str(50_000))  # under any byte limit: only the clock stops it
         self.end_headers()
         self._trickle()
 

@@ -1,8 +1,11 @@
 """The messages this service reads and writes, as pydantic models; schemas/ is generated from them.
 
 Input (INPUT_TOPIC): a `DiagramEvent`. Output (OUTPUT_TOPIC): a `DiagramResult` under the input's
-key. Dead letter (DLQ_TOPIC): the input's key and value bytes unchanged, with `DeadLetterHeaders`
-as Kafka headers.
+key. Dead letter (DLQ_TOPIC): the input's key and value bytes unchanged (the value left out when it
+is too large to send again), with `DeadLetterHeaders` as Kafka headers.
+
+Everything here is input from other services: `parse_event` turns any bytes into either an event
+whose result can be serialised or a `ParseError` that names the field at fault.
 """
 
 from __future__ import annotations
@@ -30,7 +33,11 @@ class ImageRef(BaseModel):
 
     url: str | None = Field(None, description="http:// or https:// URL of the image")
     path: str | None = Field(None, description="file path, relative to IMAGE_ROOT (or absolute inside it)")
-    base64: str | None = Field(None, description="the image bytes, base64-encoded (standard alphabet)")
+    base64: str | None = Field(
+        None,
+        description="the image bytes, base64-encoded (standard alphabet, '=' padding; line breaks are "
+        "ignored; a data:<type>;base64, prefix is accepted)",
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ImageRef:

@@ -40,12 +40,11 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING
 from urllib.parse import quote, urljoin, urlsplit
 
 import urllib3
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageChops, ImageOps, UnidentifiedImageError
 from urllib3.util.ssl_match_hostname import CertificateError as _HostnameMismatch
 
 from consumer.errors import DecodeError, FetchError
@@ -142,7 +141,7 @@ def parse_image_url(url: str) -> UrlTarget:
     if not hostname:
         raise FetchError(f"image.url {shown!r} has no host", reason="bad_url")
     try:
-        host = hostname.rstrip(".") if _is_ip(hostname) else hostname.encode("idna").decode("ascii")
+        host = hostname if _is_ip(hostname) else hostname.encode("idna").decode("ascii")
     except UnicodeError:
         raise FetchError(f"image.url host {hostname[:100]!r} is not a valid host name", reason="bad_url") from None
     if port == 0:
@@ -438,7 +437,7 @@ class ImageResolver:
     def _read_body(self, target: UrlTarget, response: urllib3.BaseHTTPResponse) -> bytes:
         limit = self.settings.image_max_bytes
         declared = response.headers.get("Content-Length", "")
-        if declared.isdigit() and int(declared) > limit:
+        if declared.isascii() and declared.isdigit() and int(declared) > limit:
             raise FetchError(
                 f"image at {target.url[:200]} is {declared} bytes (Content-Length), over IMAGE_MAX_BYTES={limit}",
                 reason="too_large",
@@ -536,17 +535,25 @@ class ImageResolver:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Palette, alpha, CMYK, 16-bit and float images to 8-bit RGB; transparency becomes white."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        # 16-bit samples scaled to 8 bits; converting directly would clip everything above 255 to white.
+    """Palette, alpha, CMYK, 16-bit and float images to 8-bit RGB; transparency becomes white.
+
+    Written for peak memory at the pixel limit (bench/image_memory.py): no step keeps more than one
+    full-size intermediate alive beside the input.
+    """
+    if image.mode == "I;16":
+        # Scaled to 8 bits in the 16-bit image itself; converting directly would clip above 255 to white.
+        image = image.point(lambda value: value * (1 / 256)).convert("L")
+    elif image.mode in ("I;16B", "I;16L", "I;16N", "I"):
         image = image.convert("I").point(lambda value: value * (1 / 256)).convert("L")
     elif image.mode == "F":
         image = image.convert("L")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGB", image.size, (255, 255, 255))
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")
+        transparency = ImageChops.invert(rgba.getchannel("A"))
+        rgb = rgba.convert("RGB")
+        del rgba
+        rgb.paste((255, 255, 255), mask=transparency)  # white, weighted by how transparent each pixel is
+        return rgb
     return image if image.mode == "RGB" else image.convert("RGB")

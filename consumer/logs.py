@@ -43,6 +43,33 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
+class RepeatFilter(logging.Filter):
+    """Lets a message through at most once per `interval_s`: librdkafka repeats a connection
+    failure every few milliseconds for as long as a broker is down."""
+
+    def __init__(self, interval_s: float = 30.0) -> None:
+        super().__init__()
+        self.interval_s = interval_s
+        self._last: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.created - self._last.get(message, float("-inf")) < self.interval_s:
+            return False
+        if len(self._last) > 1000:
+            self._last.clear()
+        self._last[message] = record.created
+        return True
+
+
+def kafka_client_logger(name: str) -> logging.Logger:
+    """The logger for a librdkafka client's own log lines (its `logger` property), repeats suppressed."""
+    kafka_logger = logging.getLogger(name)
+    if not any(isinstance(existing, RepeatFilter) for existing in kafka_logger.filters):
+        kafka_logger.addFilter(RepeatFilter())
+    return kafka_logger
+
+
 def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":

@@ -3,7 +3,9 @@ has been published (result or dead letter) and acknowledged by the broker.
 
 Events finish out of order (a batch, a retried fetch, a dead letter published early), so the commit
 point is the lowest offset still in flight; with nothing in flight it is one past the last offset
-seen. A revoked partition is forgotten, and late acknowledgements for it are ignored.
+seen. Every assignment of a partition gets a new epoch: work and acknowledgements that carry an older
+epoch belong to a revoked (or rewound) assignment and are ignored, so they can never move a commit
+point of the partition's current owner.
 """
 
 from __future__ import annotations
@@ -19,45 +21,64 @@ class _PartitionState:
     epoch: int
     pending: set[int] = field(default_factory=set)
     next_offset: int | None = None  # one past the highest offset seen
+    first_offset: int | None = None  # the lowest offset seen in this epoch: where consuming started
     committed: int | None = None
+    held: bool = False  # being rewound: new records are refused until `assign` starts a new epoch
 
 
 class OffsetTracker:
-    """Thread-safe: the poll loop adds offsets, delivery callbacks complete them."""
+    """Thread-safe: the poll loop adds offsets, the inference thread and delivery callbacks complete them."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._partitions: dict[TopicPartitionKey, _PartitionState] = {}
         self._epoch = 0
 
-    def assign(self, tp: TopicPartitionKey) -> None:
+    def _new_state(self, held: bool = False) -> _PartitionState:
+        self._epoch += 1
+        return _PartitionState(epoch=self._epoch, held=held)
+
+    def assign(self, tp: TopicPartitionKey) -> int:
+        """Start a new epoch for `tp` with nothing in flight; returns the epoch."""
         with self._lock:
-            self._epoch += 1
-            self._partitions[tp] = _PartitionState(epoch=self._epoch)
+            state = self._partitions[tp] = self._new_state()
+            return state.epoch
 
     def revoke(self, tp: TopicPartitionKey) -> None:
+        """Forget `tp`: its in-flight work is dropped and its late acknowledgements are ignored."""
         with self._lock:
             self._partitions.pop(tp, None)
 
-    def epoch(self, tp: TopicPartitionKey) -> int | None:
+    def hold(self, tp: TopicPartitionKey) -> int | None:
+        """Drop `tp`'s in-flight work and refuse its records until `assign`; returns where consuming
+        started in the dropped epoch (the place to rewind to when nothing was committed), if known."""
         with self._lock:
             state = self._partitions.get(tp)
-            return state.epoch if state else None
+            if state is None:
+                return None
+            self._partitions[tp] = self._new_state(held=True)
+            return state.first_offset
+
+    def assigned(self) -> list[TopicPartitionKey]:
+        with self._lock:
+            return list(self._partitions)
 
     def is_current(self, tp: TopicPartitionKey, epoch: int) -> bool:
         with self._lock:
             state = self._partitions.get(tp)
             return state is not None and state.epoch == epoch
 
-    def add(self, tp: TopicPartitionKey, offset: int) -> int:
-        """Record a polled offset as in flight; returns the partition's epoch (assigning if needed)."""
+    def add(self, tp: TopicPartitionKey, offset: int) -> int | None:
+        """Record a polled offset as in flight; returns its epoch, or None if `tp` is held (drop it)."""
         with self._lock:
             state = self._partitions.get(tp)
             if state is None:
-                self._epoch += 1
-                state = self._partitions[tp] = _PartitionState(epoch=self._epoch)
+                state = self._partitions[tp] = self._new_state()
+            if state.held:
+                return None
             state.pending.add(offset)
             state.next_offset = max(state.next_offset or 0, offset + 1)
+            state.first_offset = offset if state.first_offset is None else min(state.first_offset, offset)
             return state.epoch
 
     def done(self, tp: TopicPartitionKey, offset: int, epoch: int) -> bool:
@@ -84,7 +105,7 @@ class OffsetTracker:
             for tp, state in self._partitions.items():
                 if tps is not None and tp not in tps:
                     continue
-                if state.next_offset is None:
+                if state.next_offset is None or state.held:
                     continue
                 point = min(state.pending) if state.pending else state.next_offset
                 if state.committed is None or point > state.committed:
@@ -97,3 +118,11 @@ class OffsetTracker:
                 state = self._partitions.get(tp)
                 if state is not None:
                     state.committed = max(state.committed or 0, point)
+
+    def commit_failed(self, tps: list[TopicPartitionKey]) -> None:
+        """A commit of `tps` failed: their current points become due again."""
+        with self._lock:
+            for tp in tps:
+                state = self._partitions.get(tp)
+                if state is not None:
+                    state.committed = None

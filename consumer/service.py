@@ -12,6 +12,7 @@ from confluent_kafka import Consumer, Producer
 
 from consumer.engine.base import Engine, EngineLoadError
 from consumer.infer import SharedEngine
+from consumer.logs import kafka_client_logger
 from consumer.metrics import Metrics
 from consumer.pipeline import Pipeline, ServiceState
 from consumer.server import SideServer, build_app
@@ -31,7 +32,7 @@ def build_engine(settings: Settings) -> Engine:
         from consumer.engine.echo import EchoEngine
 
         logger.warning("ENGINE=echo: no model runs; every description is a fixed text (benchmarks only)")
-        return EchoEngine()
+        return EchoEngine(delay_s=settings.echo_delay_ms / 1000)
     from consumer.engine.qwen import QwenVLEngine
 
     return QwenVLEngine(settings)
@@ -86,7 +87,7 @@ def observed_consumer_factory(settings: Settings, metrics: Metrics, state: Servi
             logger.debug("unreadable librdkafka statistics", exc_info=True)
             return
         metrics.observe_consumer_stats(stats)
-        # error_cb marks the broker down on any transport error; statistics say when it is back,
+        # error_cb marks the broker down when no broker answers; statistics say when it is back,
         # even while no message arrives to prove it.
         state.broker_ok = any(broker.get("state") == "UP" for broker in stats.get("brokers", {}).values())
 
@@ -95,7 +96,7 @@ def observed_consumer_factory(settings: Settings, metrics: Metrics, state: Servi
             "statistics.interval.ms": STATS_INTERVAL_MS,
             **config,
             "stats_cb": on_stats,
-            "logger": logging.getLogger("librdkafka.consumer"),
+            "logger": kafka_client_logger("librdkafka.consumer"),
         }
         if settings.debug_stall_file is not None:
             return StallingConsumer(config, settings.debug_stall_file)
@@ -105,7 +106,7 @@ def observed_consumer_factory(settings: Settings, metrics: Metrics, state: Servi
 
 
 def observed_producer_factory() -> Callable[[dict], Producer]:
-    return lambda config: Producer({**config, "logger": logging.getLogger("librdkafka.producer")})
+    return lambda config: Producer({**config, "logger": kafka_client_logger("librdkafka.producer")})
 
 
 # -- fault injection (DEBUG_STALL_FILE) -------------------------------------------------------------

@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     quantization: Literal["int8", "4bit"] | None = None
     batch_size: int = Field(8, ge=1, le=256)
     batch_max_wait_ms: int = Field(50, ge=0)
+    echo_delay_ms: int = Field(0, ge=0)
+    """ENGINE=echo only: sleep this long per generate call, to stand in for a slow model in tests."""
 
     # -- kafka ---------------------------------------------------------------------------------
     kafka_bootstrap_servers: str = "localhost:9092"
@@ -67,6 +69,10 @@ class Settings(BaseSettings):
     max_in_flight: int = Field(64, ge=1)
     """Events polled but not yet published; when full, partitions are paused (polling goes on)."""
     shutdown_timeout: float = Field(30.0, gt=0)
+    processing_guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
+    """exactly_once: results, dead letters and input offsets committed in one Kafka transaction per batch."""
+    transactional_id: str | None = None
+    """exactly_once only: this replica's transactional.id; unset derives one (see consumer/delivery.py)."""
     kafka_extra: dict[str, str] = Field(default_factory=dict)
     """Other librdkafka properties, collected from KAFKA_<NAME> variables by `from_environ`."""
 
@@ -130,6 +136,8 @@ class Settings(BaseSettings):
             "enable.auto.offset.store": False,
             "auto.offset.reset": "earliest",
             "partition.assignment.strategy": "cooperative-sticky",
+            # Never process records of aborted upstream transactions (librdkafka's default, made explicit).
+            "isolation.level": "read_committed",
             **self.kafka_extra,
         }
 

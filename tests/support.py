@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
 from consumer.local_kafka import create_topics, free_port
 
@@ -36,10 +36,15 @@ def create_test_topics(bootstrap: str, name: str, partitions: int = 3) -> Topics
     return topics
 
 
-def produce(bootstrap: str, topic: str, records: list[tuple[str | None, bytes | str | None]]) -> None:
+def produce(
+    bootstrap: str, topic: str, records: list[tuple[str | None, bytes | str | None]], partition: int | None = None
+) -> None:
     producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
     for key, value in records:
-        producer.produce(topic, key=key, value=value)
+        if partition is None:
+            producer.produce(topic, key=key, value=value)
+        else:
+            producer.produce(topic, key=key, value=value, partition=partition)
     assert producer.flush(30) == 0
 
 
@@ -65,6 +70,51 @@ def read_records(bootstrap: str, topic: str, count: int, timeout: float = 120.0,
     finally:
         reader.close()
     return records
+
+
+def read_to_end(bootstrap: str, topic: str, isolation: str = "read_uncommitted", timeout: float = 60.0) -> list:
+    """Every record now in `topic`, read up to each partition's end (the last stable offset for
+    read_committed). Call it once nothing writes to the topic any more."""
+    reader = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"reader-{uuid.uuid4().hex}",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            "isolation.level": isolation,
+        }
+    )
+    try:
+        partitions = reader.list_topics(topic, timeout=10).topics[topic].partitions
+        reader.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+        records, at_end = [], set()
+        deadline = time.monotonic() + timeout
+        while len(at_end) < len(partitions):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{topic}: only partitions {sorted(at_end)} of {len(partitions)} read to the end")
+            message = reader.poll(0.5)
+            if message is None:
+                continue
+            if message.error():
+                if message.error().code() == KafkaError._PARTITION_EOF:
+                    at_end.add(message.partition())
+                continue
+            at_end.discard(message.partition())
+            records.append(message)
+        return records
+    finally:
+        reader.close()
+
+
+def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
+    """The group's committed offset per partition of `topic` (0 where nothing is committed)."""
+    probe = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        partitions = probe.list_topics(topic, timeout=10).topics[topic].partitions
+        committed = probe.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
+        return {tp.partition: max(tp.offset, 0) for tp in committed}
+    finally:
+        probe.close()
 
 
 def committed_equals_end(bootstrap: str, group: str, topic: str, timeout: float = 30.0) -> tuple[bool, dict, dict]:
@@ -151,6 +201,9 @@ class ServiceRunner:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-6000:]
+
+    def full_log(self) -> str:
+        return self.log_path.read_text(errors="replace")
 
     def signal(self, sig: int = signal.SIGTERM) -> None:
         assert self.process is not None

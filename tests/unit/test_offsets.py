@@ -1,8 +1,21 @@
 """Offsets are committed only below work that is fully published, whatever order it finishes in."""
 
+import logging
+import sys
+
+from consumer.logs import RepeatFilter
 from consumer.offsets import OffsetTracker
 
 TP = ("events", 0)
+OTHER = ("events", 1)
+
+
+def tracker_with(offsets: list[int], tp=TP) -> tuple[OffsetTracker, int]:
+    tracker = OffsetTracker()
+    epoch = tracker.assign(tp)
+    for offset in offsets:
+        assert tracker.add(tp, offset) == epoch
+    return tracker, epoch
 
 
 def test_out_of_order_completion_never_commits_past_unfinished_work():
@@ -30,3 +43,55 @@ def test_late_acknowledgement_for_a_revoked_partition_is_ignored():
     assert tracker.done(TP, 5, old_epoch) is False
     assert tracker.commit_points() == {TP: 7}
     assert tracker.in_flight() == 1
+
+
+def test_a_point_already_committed_is_not_committed_again_unless_the_commit_failed():
+    tracker, epoch = tracker_with([0, 1])
+    tracker.done(TP, 0, epoch)
+    tracker.mark_committed(tracker.commit_points())
+    assert tracker.commit_points() == {}
+    tracker.commit_failed([TP])
+    assert tracker.commit_points() == {TP: 1}
+
+
+def test_partitions_commit_independently():
+    tracker, epoch = tracker_with([5, 6])
+    other_epoch = tracker.assign(OTHER)
+    tracker.add(OTHER, 100)
+    tracker.done(OTHER, 100, other_epoch)
+    assert tracker.commit_points() == {TP: 5, OTHER: 101}
+    assert tracker.commit_points([OTHER]) == {OTHER: 101}
+
+
+def test_a_held_partition_refuses_records_and_commits_nothing_until_reassigned():
+    tracker, epoch = tracker_with([7, 8, 9])
+    tracker.done(TP, 7, epoch)
+    assert tracker.hold(TP) == 7  # where consuming started: the rewind target if nothing was committed
+    assert tracker.add(TP, 10) is None  # fetched past the aborted batch: must not be processed
+    assert not tracker.done(TP, 8, epoch)
+    assert tracker.commit_points() == {} and tracker.in_flight() == 0
+    new_epoch = tracker.assign(TP)
+    assert tracker.add(TP, 7) == new_epoch
+
+
+def test_repeated_log_lines_are_let_through_once_per_interval():
+    repeat = RepeatFilter(interval_s=30)
+
+    def record(message: str, created: float) -> logging.LogRecord:
+        entry = logging.makeLogRecord({"msg": message})
+        entry.created = created
+        return entry
+
+    assert repeat.filter(record("connection refused", 100.0))
+    assert not repeat.filter(record("connection refused", 110.0))
+    assert repeat.filter(record("another message", 110.0))
+    assert repeat.filter(record("connection refused", 131.0))
+
+
+def test_offsets_are_never_sent_with_the_metadata_of_a_fenced_member():
+    from consumer.delivery import names_a_member
+
+    member = b"CGMDv2:" + (3).to_bytes(4, sys.byteorder, signed=True) + b"group\x00rdkafka-1234\x00\x01"
+    fenced = b"CGMDv2:" + (-1).to_bytes(4, sys.byteorder, signed=True) + b"group\x00\x00\x01"
+    assert names_a_member(member)
+    assert not names_a_member(fenced)  # the broker would take its offsets without any check

@@ -12,7 +12,6 @@ member then takes the partitions over from the last committed offset.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue

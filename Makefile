@@ -8,7 +8,8 @@ PY := $(VENV)/bin/python
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	test -x $(VENV)/bin/uv || $(PY) -m pip install -q uv==0.13.8 || $(PY) -m ensurepip
+	$(PY) -m pip --version >/dev/null 2>&1 || $(PY) -m ensurepip -q
+	test -x $(VENV)/bin/uv || $(PY) -m pip install -q uv==0.13.8
 	$(VENV)/bin/uv pip install --python $(PY) -q -e '.[test,bench]'
 	$(PY) -c "from consumer.local_kafka import ensure_jars; ensure_jars()"
 	touch $@

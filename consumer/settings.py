@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # Librdkafka properties whose values are secrets: never logged, never shown on /health.
@@ -105,6 +105,18 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         return None if value in ("", "none", "0") else value
+
+    @model_validator(mode="after")
+    def _echo_only_without_a_mounted_model(self) -> Settings:
+        # ENGINE=echo left over from a benchmark in a model deployment would answer every diagram
+        # with the same fixed text; a mounted LoRA adapter says that a model was meant to run.
+        if self.engine == "echo" and (self.adapter_path / "adapter_config.json").is_file():
+            raise ValueError(
+                f"ENGINE=echo answers a fixed text without running any model, but a LoRA adapter is "
+                f"mounted at ADAPTER_PATH={self.adapter_path}: unset ENGINE to serve the model "
+                "(echo is for pipeline benchmarks, where no adapter is mounted)"
+            )
+        return self
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

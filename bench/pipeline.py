@@ -20,8 +20,8 @@ For each kind, in order, on the same events:
 3. the service: `python -m consumer run` with ENGINE=echo as a subprocess, one process.
 
 Each raw-Kafka and service run is followed by a latency phase: events produced at a steady rate
-(at most half the throughput just measured) while the consumer runs; the latency added per event is
-the result record's timestamp minus the input record's.
+(20/s, or a quarter of the throughput just measured if lower) while the consumer runs; the latency
+added per event is the result record's timestamp minus the input record's.
 
 Throughput is (results - 1) / (last result timestamp - first result timestamp), both set by the
 producer when it produces, so start-up and group joining are left out. CPU time per event comes
@@ -90,8 +90,8 @@ class Profile:
     latency_seconds: float
 
 
-FULL = Profile(events=1500, decode_events=500, scaling_events=1200, scaling=(1, 2, 3), latency_rate=40, latency_seconds=5)
-QUICK = Profile(events=300, decode_events=150, scaling_events=300, scaling=(1, 2), latency_rate=40, latency_seconds=2)
+FULL = Profile(events=1500, decode_events=500, scaling_events=1200, scaling=(1, 2, 3), latency_rate=20, latency_seconds=8)
+QUICK = Profile(events=300, decode_events=150, scaling_events=300, scaling=(1, 2), latency_rate=20, latency_seconds=3)
 
 
 @dataclass(frozen=True)
@@ -344,7 +344,9 @@ class RawLoop:
     (fetch or base64, decode) with the service's own code. It stops taking records after `limit`.
     """
 
-    def __init__(self, settings: Settings, topic: str, output_topic: str, limit: int, resolver: ImageResolver | None) -> None:
+    def __init__(
+        self, settings: Settings, topic: str, output_topic: str, limit: int, resolver: ImageResolver | None
+    ) -> None:
         self.consumer = Consumer(settings.consumer_config())
         self.producer = Producer(settings.producer_config())
         self.topic, self.output_topic, self.limit, self.resolver = topic, output_topic, limit, resolver
@@ -424,7 +426,9 @@ class RawLoop:
 class Service:
     """`python -m consumer run` with ENGINE=echo, as a subprocess; its log goes to a file."""
 
-    def __init__(self, bootstrap: str, group: str, topics: tuple[str, str, str], workdir: Path, extra_env: dict[str, str]) -> None:
+    def __init__(
+        self, bootstrap: str, group: str, topics: tuple[str, str, str], workdir: Path, extra_env: dict[str, str]
+    ) -> None:
         self.port = free_port()
         self.log_path = workdir / f"service-{group}-{self.port}.log"
         input_topic, output_topic, dlq_topic = topics
@@ -599,13 +603,20 @@ class Bench:
             pids["broker"] = self.broker_pid
         return CpuMeter(pids).start()
 
-    def latency_phase(self, input_topic: str, events: list[tuple[str, bytes]], throughput: float) -> tuple[dict[str, int], float]:
-        """Produce `events` at a steady rate: profile.latency_rate, or half `throughput` if lower."""
-        rate = min(self.profile.latency_rate, max(throughput / 2, 1.0))
+    def latency_phase(
+        self, input_topic: str, events: list[tuple[str, bytes]], throughput: float
+    ) -> tuple[dict[str, int], float]:
+        """Produce `events` at a steady rate: profile.latency_rate, or a quarter of `throughput` if lower.
+
+        A light load, so the figure is the latency the pipeline adds rather than time spent queueing.
+        """
+        rate = min(self.profile.latency_rate, max(throughput / 4, 1.0))
         count = max(int(rate * self.profile.latency_seconds), 10)
         return produce(self.bootstrap, input_topic, events[:count], rate=rate), rate
 
-    def raw(self, name: str, input_topic: str, limit: int, decode: bool, latency_events: list[tuple[str, bytes]] | None) -> dict:
+    def raw(
+        self, name: str, input_topic: str, limit: int, decode: bool, latency_events: list[tuple[str, bytes]] | None
+    ) -> dict:
         """A raw loop over the first `limit` records on `input_topic`, then the latency phase."""
         target = min(limit, count_records(self.bootstrap, [input_topic]))
         output = self.topic(f"{name}-out")
@@ -631,7 +642,8 @@ class Bench:
         """One service process over everything on `input_topic`, then the latency phase."""
         backlog = count_records(self.bootstrap, [input_topic])
         output, dlq = self.topic(f"{name}-out"), self.topic(f"{name}-dlq", 1)
-        service = Service(self.bootstrap, f"{name}-{uuid.uuid4().hex[:6]}", (input_topic, output, dlq), self.workdir, self.extra_env)
+        group = f"{name}-{uuid.uuid4().hex[:6]}"
+        service = Service(self.bootstrap, group, (input_topic, output, dlq), self.workdir, self.extra_env)
         try:
             service.start()
             # The events are waiting already: the service starts on them as soon as it joins, which
@@ -642,7 +654,9 @@ class Bench:
             done = count_records(self.bootstrap, [output, dlq], backlog, timeout=600)
             service.check_alive()
             if done < backlog:
-                raise RuntimeError(f"{name}: service published {done} of {backlog} within 600 s; log {service.log_path}")
+                raise RuntimeError(
+                    f"{name}: service published {done} of {backlog} within 600 s; log {service.log_path}"
+                )
             cpu = meter.stop()
             after = scrape_stages(service.metrics_text())
             inputs, rate = self.latency_phase(input_topic, latency_events, backlog / (time.monotonic() - started))
@@ -654,7 +668,9 @@ class Bench:
         summary["stages"] = stage_table(diff_stages(before, after), summary["events_per_s"])
         return summary
 
-    def _summary(self, results: list[tuple[str, int]], inputs: dict[str, int], rate: float, cpu: dict, own: str) -> dict:
+    def _summary(
+        self, results: list[tuple[str, int]], inputs: dict[str, int], rate: float, cpu: dict, own: str
+    ) -> dict:
         throughput = [ts for key, ts in results if key not in inputs]
         return {
             "events": len(throughput),
@@ -716,12 +732,17 @@ def ratio(a: float, b: float) -> float | None:
     return round(a / b, 3) if b else None
 
 
-def build_report(runs: dict[str, dict], kinds: list[Kind], scaling: list[dict], profile: Profile, corpus: Corpus, command: str,
-                 started: float, load_before: tuple[float, ...], extra_env: dict[str, str]) -> dict:
+def build_report(
+    runs: dict[str, dict], kinds: list[Kind], scaling: list[dict], profile: Profile, corpus: Corpus, command: str,
+    started: float, load_before: tuple[float, ...], extra_env: dict[str, str],
+) -> dict:
+    def rate(loop: str, kind: Kind) -> float:
+        return runs[f"{loop}_{kind.name}"]["events_per_s"]
+
     ratios = {
         kind.name: {
-            "service_vs_raw_decode": ratio(runs[f"service_{kind.name}"]["events_per_s"], runs[f"raw_decode_{kind.name}"]["events_per_s"]),
-            "service_vs_raw_kafka": ratio(runs[f"service_{kind.name}"]["events_per_s"], runs[f"raw_kafka_{kind.name}"]["events_per_s"]),
+            "service_vs_raw_decode": ratio(rate("service", kind), rate("raw_decode", kind)),
+            "service_vs_raw_kafka": ratio(rate("service", kind), rate("raw_kafka", kind)),
         }
         for kind in kinds
     }
@@ -730,7 +751,7 @@ def build_report(runs: dict[str, dict], kinds: list[Kind], scaling: list[dict], 
         "command": command,
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "duration_s": round(time.time() - started, 1),
-        "provisional": "measured on a shared 2-core machine; re-run on a quiet one",
+        "note": "every figure drops when other work shares the machine: see machine.load_average_*",
         "machine": {
             "cpus": os.cpu_count(),
             "load_average_before": [round(x, 2) for x in load_before],
@@ -809,9 +830,10 @@ def chart(report: dict, path: Path) -> None:
         axis.set_title(f"{label}: {stages['mean_batch_size']} events per batch", fontsize=10)
         axis.margins(x=0.25)
     axes[-1, 0].set_xlabel(
-        "ms per batch: each stage summed over the batch's events. fetch and decode run on FETCH_WORKERS\n"
-        "threads and publish (produce -> broker ack) is asynchronous: they overlap other batches, so their\n"
-        "sums can exceed the batch's wall time (batches / throughput) without being on its critical path"
+        "ms per batch: each stage summed over the batch's events. fetch and decode run on\n"
+        "FETCH_WORKERS threads, and publish (produce -> broker ack) is asynchronous: they overlap\n"
+        "other batches, so their sums can exceed the batch's wall time (batch size / throughput)",
+        fontsize=9,
     )
     figure.suptitle(f"Service with ENGINE=echo: where one batch's time goes ({report['when']})", fontsize=11)
     figure.tight_layout()
@@ -863,7 +885,9 @@ def main(argv: list[str] | None = None) -> int:
                 latency_events=corpus.events(kind, latency_count, f"lat-rawk-{kind.name}"),
             )
             print(f"{kind.label}: raw loop + decode ...", flush=True)
-            runs[f"raw_decode_{kind.name}"] = bench.raw(f"rawd-{kind.name}", topic, profile.decode_events, decode=True, latency_events=None)
+            runs[f"raw_decode_{kind.name}"] = bench.raw(
+                f"rawd-{kind.name}", topic, profile.decode_events, decode=True, latency_events=None
+            )
             print(f"{kind.label}: service, ENGINE=echo ...", flush=True)
             runs[f"service_{kind.name}"] = bench.service(
                 f"svc-{kind.name}", topic, corpus.events(kind, latency_count, f"lat-svc-{kind.name}")

@@ -535,6 +535,8 @@ def scrape_stages(text: str) -> dict[str, dict[str, float]]:
                 stages.setdefault(stage, {"sum": 0.0, "count": 0.0})[suffix[1:]] = float(value)
             elif name == "diagram_batch_size" + suffix:
                 stages.setdefault("_batches", {"sum": 0.0, "count": 0.0})[suffix[1:]] = float(value)
+        if name == 'diagram_events_total{outcome="retried"}':  # fetches retried after a transient failure
+            stages["_retried"] = {"sum": 0.0, "count": float(value)}
     return stages
 
 
@@ -565,6 +567,7 @@ def stage_table(stages: dict[str, dict[str, float]], events_per_s: float) -> dic
         for stage in names
     ]
     return {
+        "fetches_retried": int(stages.get("_retried", {}).get("count", 0)),
         "batches": int(batches["count"]),
         "mean_batch_size": round(mean_batch, 2),
         "batch_wall_ms": round(1000 * mean_batch / events_per_s, 2) if events_per_s else None,
@@ -795,7 +798,8 @@ def print_report(report: dict) -> None:
     for kind, label in report["kinds"].items():
         stages = runs[f"service_{kind}"]["stages"]
         print(f"\n## Where the time goes: service, {label}: {stages['batches']} batches of {stages['mean_batch_size']} "
-              f"events on average, {stages['batch_wall_ms']} ms of wall time per batch\n")
+              f"events on average, {stages['batch_wall_ms']} ms of wall time per batch, "
+              f"{stages['fetches_retried']} fetches retried\n")
         print(table(["stage", "observations", "mean ms", "ms per batch"],
                     [[r["stage"], r["observations"], r["mean_ms"], r["ms_per_batch"]] for r in stages["rows"]]))
     print("\n(ms per batch: the stage's sum over a batch's events; fetch/decode run on FETCH_WORKERS threads and "

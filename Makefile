@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-unit bench-tiny schemas clean prometheus-tools deploy-tools
+.PHONY: setup demo test test-unit bench-tiny bench-pipeline schemas clean prometheus-tools deploy-tools
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -61,6 +61,10 @@ test: setup prometheus-tools deploy-tools
 
 test-unit: setup prometheus-tools
 	$(PY) -m pytest tests/unit
+
+# Pipeline throughput without a model (ENGINE=echo) against plain Kafka loops: bench/README.md.
+bench-pipeline: setup
+	$(PY) -m bench.pipeline
 
 schemas: setup
 	$(PY) -m consumer.schemas schemas

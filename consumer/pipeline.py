@@ -51,6 +51,11 @@ EXIT_FAILED = 2
 EXIT_KILLED = 130
 """A second SIGTERM/SIGINT: exited at once, without a clean shutdown."""
 
+# librdkafka's pause() drops the records it had prefetched, and fetching restarts about a second
+# after resume(); pausing at every full window capped an ENGINE=echo replica near 135 events/s
+# (bench/pipeline.py). So a full window first only stops taking records, which wait undecoded in
+# librdkafka's bounded queue, and the partitions are paused once it has stayed full this long.
+PAUSE_AFTER_S = 2.0
 _STOP = object()
 
 
@@ -116,6 +121,7 @@ class Pipeline:
         self._stop = threading.Event()
         self._fatal: BaseException | None = None
         self._paused: set[TopicPartitionKey] | None = None  # None: flowing; a set: the window is full
+        self._full_since: float | None = None  # when the in-flight window last filled up
         self._error_logged: dict[int, float] = {}
         self.delivery: Delivery
 
@@ -170,7 +176,11 @@ class Pipeline:
 
     def _poll_once(self) -> None:
         self.producer.poll(0)
-        message = self.consumer.poll(POLL_TIMEOUT_S)
+        if self._full_since is not None and self._paused is None:
+            message = None  # the window is full: take no record yet (see PAUSE_AFTER_S)
+            self.producer.poll(0.05)  # wakes on the acknowledgement that frees a slot
+        else:
+            message = self.consumer.poll(POLL_TIMEOUT_S)
         self.state.last_poll = time.time()
         self.metrics.last_poll.set(self.state.last_poll)
         if message is not None:
@@ -326,9 +336,13 @@ class Pipeline:
     def _flow_control(self) -> None:
         in_flight = self.tracker.in_flight()
         self.metrics.in_flight.set(in_flight)
-        if self._paused is None and in_flight >= self.settings.max_in_flight:
-            self._pause_all()
-        elif self._paused is not None and not self._stop.is_set() and in_flight <= self.settings.max_in_flight // 2:
+        if in_flight >= self.settings.max_in_flight:
+            self._full_since = self._full_since or time.monotonic()
+            if self._paused is not None or time.monotonic() - self._full_since >= PAUSE_AFTER_S:
+                self._pause_all()  # partitions assigned while the window is full wait too
+            return
+        self._full_since = None
+        if self._paused is not None and not self._stop.is_set() and in_flight <= self.settings.max_in_flight // 2:
             self.consumer.resume([TopicPartition(t, p) for t, p in self._paused])
             self._paused = None
             self.state.paused = []

@@ -31,7 +31,10 @@ def build_engine(settings: Settings) -> Engine:
     if settings.engine == "echo":
         from consumer.engine.echo import EchoEngine
 
-        logger.warning("ENGINE=echo: no model runs; every description is a fixed text (benchmarks only)")
+        logger.warning(
+            "ENGINE=echo: NO MODEL RUNS. Every description is the same fixed text, for pipeline benchmarks "
+            "only; unset ENGINE to serve %s", settings.base_model_id,
+        )
         return EchoEngine(delay_s=settings.echo_delay_ms / 1000)
     from consumer.engine.qwen import QwenVLEngine
 

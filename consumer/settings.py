@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # Librdkafka properties whose values are secrets: never logged, never shown on /health.
@@ -112,6 +112,18 @@ class Settings(BaseSettings):
     def _empty_is_none(cls, value: Any) -> Any:
         return None if value in ("", "none", "0") else value
 
+    @model_validator(mode="after")
+    def _echo_only_without_a_mounted_model(self) -> Settings:
+        # ENGINE=echo left over from a benchmark in a model deployment would answer every diagram
+        # with the same fixed text; a mounted LoRA adapter says that a model was meant to run.
+        if self.engine == "echo" and (self.adapter_path / "adapter_config.json").is_file():
+            raise ValueError(
+                f"ENGINE=echo answers a fixed text without running any model, but a LoRA adapter is "
+                f"mounted at ADAPTER_PATH={self.adapter_path}: unset ENGINE to serve the model "
+                "(echo is for pipeline benchmarks, where no adapter is mounted)"
+            )
+        return self
+
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Build settings from `environ` (default: os.environ), KAFKA_<NAME> passthrough included."""
@@ -128,7 +140,11 @@ class Settings(BaseSettings):
 
     # -- librdkafka configuration ---------------------------------------------------------------
     def consumer_config(self) -> dict[str, Any]:
-        """The librdkafka consumer config: manual offset commits, cooperative rebalancing."""
+        """The librdkafka consumer config: manual offset commits, cooperative rebalancing, bounded prefetch.
+
+        fetch.min.bytes and fetch.wait.max.ms keep their defaults (1 byte, 500 ms): a fetch returns as
+        soon as one event is there, so batching never waits on the broker (README, Kafka client tuning).
+        """
         return {
             "bootstrap.servers": self.kafka_bootstrap_servers,
             "group.id": self.kafka_group_id,
@@ -138,11 +154,22 @@ class Settings(BaseSettings):
             "partition.assignment.strategy": "cooperative-sticky",
             # Never process records of aborted upstream transactions (librdkafka's default, made explicit).
             "isolation.level": "read_committed",
+            # Events carry whole images, and they wait here while the in-flight window is full: 16 MB
+            # (default 64 MB) is about a thousand inline 1024x768 PNG diagrams, seconds of work.
+            "queued.max.messages.kbytes": 16384,
+            # Once that bound is reached, look again after 0.1 s rather than the default 1 s, so a
+            # replica that drains its queue fast does not idle waiting for the next fetch.
+            "fetch.queue.backoff.ms": 100,
             **self.kafka_extra,
         }
 
     def producer_config(self) -> dict[str, Any]:
-        """The librdkafka producer config: idempotent, acks=all, compressed results."""
+        """The librdkafka producer config: idempotent, acks=all, compressed results.
+
+        A batch's results are produced together, so a 5 ms linger puts them in one request per broker
+        and adds at most 5 ms to the result; zstd shrinks the repetitive JSON results (and the rare
+        dead letter carrying a whole inline image).
+        """
         return {
             "bootstrap.servers": self.kafka_bootstrap_servers,
             "enable.idempotence": True,

@@ -1,25 +1,35 @@
 """ENGINE=echo: a model-free engine that answers a fixed description, for measuring the pipeline.
 
 It exists so bench/ can find the ceiling of everything around the model (Kafka, JSON, image fetch
-and decode). The service refuses it unless ENGINE=echo is set explicitly. ECHO_DELAY_MS makes each
-generate call sleep, so the delivery tests can stand in for a model slower than max.poll.interval.ms.
+and decode). It runs only when ENGINE=echo is set (the default is transformers), never where a
+LoRA adapter is mounted (settings validation), and it says so: a warning at start-up, another every
+REMINDER_INTERVAL_S while it answers, and "echo" as the model in /health and in every result.
+ECHO_DELAY_MS makes each generate call sleep, so the delivery tests can stand in for a model slower
+than max.poll.interval.ms.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Sequence
 
 from consumer.engine.base import EngineInfo, Generation, GenerationRequest
 
+logger = logging.getLogger(__name__)
+
 ECHO_DESCRIPTION = "| # | Step | Role |\n|---|---|---|\n| 1 | echo engine: no model was run | - |"
+REMINDER_INTERVAL_S = 60.0
 
 
 class EchoEngine:
-    def __init__(self, delay_s: float = 0.0) -> None:
+    def __init__(self, delay_s: float = 0.0, reminder_interval_s: float = REMINDER_INTERVAL_S) -> None:
         self.info = EngineInfo(model="echo", device="cpu", dtype="none", backend="echo")
         self.last_preprocess_seconds = 0.0
         self.delay_s = delay_s
+        self.answered = 0
+        self._reminder_interval_s = reminder_interval_s
+        self._last_reminder = time.monotonic()
 
     def load(self) -> None:
         self.info.model_load_time = 0.0
@@ -31,4 +41,11 @@ class EchoEngine:
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
         if self.delay_s:
             time.sleep(self.delay_s)  # one sleep per batch, like one forward pass per batch
+        self.answered += len(requests)
+        if time.monotonic() - self._last_reminder >= self._reminder_interval_s:
+            self._last_reminder = time.monotonic()
+            logger.warning(
+                "ENGINE=echo: %d events answered so far with a fixed text, no model ran (benchmarks only)",
+                self.answered,
+            )
         return [Generation(text=ECHO_DESCRIPTION, output_tokens=0) for _ in requests]

@@ -63,11 +63,11 @@ def check_adapter_keys(peft_model, adapter_path: Path) -> None:
     expected = set(get_peft_model_state_dict(peft_model).keys())
     missing, unexpected = expected - saved, saved - expected
     if missing or unexpected:
-        sample = sorted(missing or unexpected)[:3]
         raise EngineLoadError(
             f"adapter at {adapter_path} does not fit {peft_model.base_model.model.__class__.__name__}: "
-            f"{len(missing)} adapter weights missing, {len(unexpected)} unexpected (e.g. {sample}); "
-            "it was probably trained against another model or module layout"
+            f"{len(missing)} weights the model expects are missing from it (e.g. {sorted(missing)[:2]}) and "
+            f"{len(unexpected)} of its weights match no module of the model (e.g. {sorted(unexpected)[:2]}); "
+            "it was probably trained against another model, layer count or module layout"
         )
 
 
@@ -88,7 +88,10 @@ class QwenVLEngine:
         settings = self.settings
         started = time.perf_counter()
         device = resolve_device(settings.device)
-        dtype = resolve_dtype(settings.torch_dtype, device)
+        try:
+            dtype = resolve_dtype(settings.torch_dtype, device)
+        except ValueError as exc:
+            raise EngineLoadError(str(exc)) from exc
         self.info.device, self.info.dtype = device, dtype_name(dtype)
         token = settings.hf_token.get_secret_value() if settings.hf_token else None
         logger.info("loading base model %s on %s as %s", settings.base_model_id, device, self.info.dtype)

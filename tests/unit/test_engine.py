@@ -191,3 +191,23 @@ def test_adapter_directory_chat_template_reaches_the_model(engine, tiny_model, t
     assert PROMPTS[0] in templated.prompt_text(PROMPTS[0])
     requests = mixed_requests(6)
     assert texts(templated, requests) != texts(engine, requests)
+
+
+# -- device and dtype --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_explicit_dtype_is_what_the_model_runs_in(tiny_model, dtype):
+    explicit = load_engine(tiny_model, device="cpu", torch_dtype=dtype)
+    assert explicit.info.device == "cpu" and explicit.info.dtype == dtype
+    assert {parameter.dtype for parameter in explicit.model.parameters()} == {getattr(torch, dtype)}
+    [generation] = explicit.generate(mixed_requests(1))
+    assert generation.output_tokens > 0
+
+
+def test_auto_dtype_on_this_machine(engine):
+    from consumer.engine.device import cpu_has_native_bf16
+
+    assert engine.info.device == "cpu" or torch.cuda.is_available()
+    if engine.info.device == "cpu":
+        assert engine.info.dtype == ("bfloat16" if cpu_has_native_bf16() else "float32")

@@ -183,12 +183,23 @@ class QwenVLEngine:
                 processor.chat_template = (adapter_path / "chat_template.jinja").read_text()
         except Exception as exc:
             raise EngineLoadError(f"cannot load the processor: {exc}") from exc
+        return self.configure_processor(processor)
+
+    def configure_processor(self, processor):
+        """Left padding (right padding breaks batched generation) and the IMAGE_MIN/MAX_PIXELS bounds."""
         processor.tokenizer.padding_side = "left"
         processor.image_processor.size = {
             "shortest_edge": self.settings.image_min_pixels,
             "longest_edge": self.settings.image_max_pixels,
         }
         return processor
+
+    def adopt(self, model, processor) -> None:
+        """Run a model built in memory instead of loaded (bench/: random weights, no checkpoint files)."""
+        self.model = model.eval()
+        self.processor = self.configure_processor(processor)
+        self.info.device, self.info.dtype = model.device.type, dtype_name(model.dtype)
+        self.info.model_loaded = self.info.processor_loaded = True
 
     # -- run --------------------------------------------------------------------------------
     def warm_up(self) -> None:

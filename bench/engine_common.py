@@ -20,6 +20,8 @@ import torch
 from consumer.engine.tiny import REAL_VOCAB_SIZE, Architecture, _train_tokenizer, make_processor, qwen3_vl_config
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+NEW_TOKENS = 384  # the old service's MAX_NEW_TOKENS: what one description costs
+DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -88,20 +90,26 @@ def reduced(arch: Architecture, vision_depth: int, text_layers: int) -> Architec
     )
 
 
-def random_model(arch: Architecture, dtype: torch.dtype, token_ids: dict, lora: str | None, seed: int = 0):
+def random_model(
+    arch: Architecture, dtype: torch.dtype, token_ids: dict, lora: str | None, seed: int = 0,
+    device: str = "cpu", attn_implementation: str = "sdpa",
+):
     """A Qwen3VLForConditionalGeneration with random weights in `dtype`, the real vocabulary size.
 
     lora: None (base model), "merged" (a random rank-16 LoRA merged into the weights, as the engine
     does at load) or "unmerged" (the LoRA left as separate modules, as the old service ran it).
+    Built directly on `device` (initialising 2 B parameters on a GPU takes seconds, not minutes).
     """
     from transformers import Qwen3VLForConditionalGeneration
 
     torch.manual_seed(seed)
     config = qwen3_vl_config(arch, vocab_size=REAL_VOCAB_SIZE, token_ids=token_ids)
+    config._attn_implementation = attn_implementation
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        model = Qwen3VLForConditionalGeneration(config)
+        with torch.device(device):
+            model = Qwen3VLForConditionalGeneration(config)
     finally:
         torch.set_default_dtype(previous)
     model = model.to(dtype).eval()
@@ -125,6 +133,41 @@ def random_model(arch: Architecture, dtype: torch.dtype, token_ids: dict, lora: 
 def base_of(model):
     """The Qwen3VLForConditionalGeneration inside a PeftModel (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+# -- the work, counted from the architecture ---------------------------------------------------------
+def text_layer_params(arch: Architecture) -> int:
+    h, q = arch.hidden_size, arch.num_attention_heads * arch.head_dim
+    kv = arch.num_key_value_heads * arch.head_dim
+    return h * q + 2 * h * kv + q * h + 3 * h * arch.intermediate_size
+
+
+def flops_per_image(arch: Architecture, visual_tokens: int, text_tokens: int, new_tokens: int) -> dict[str, float]:
+    """Floating-point operations (a multiply-add = 2) for one image, from the architecture."""
+    patches = 4 * visual_tokens  # 2x2 patches merge into one visual token
+    vh, vi = arch.vision_hidden_size, arch.vision_intermediate_size
+    vision = 2 * patches * (3 * 2 * 16 * 16) * vh  # patch embedding
+    vision += arch.vision_depth * (2 * patches * (3 * vh * vh + vh * vh + 2 * vh * vi) + 4 * patches**2 * vh)
+    merged = 4 * vh
+    vision += (1 + len(arch.deepstack_visual_indexes)) * 2 * visual_tokens * (merged * merged + merged * arch.hidden_size)
+    q = arch.num_attention_heads * arch.head_dim
+    layer = text_layer_params(arch)
+    context = visual_tokens + text_tokens
+    lm_head = 2 * arch.hidden_size * REAL_VOCAB_SIZE
+    prefill_text = arch.num_hidden_layers * (2 * context * layer + 2 * context**2 * q) + lm_head
+    decode = sum(
+        arch.num_hidden_layers * (2 * layer + 4 * (context + step) * q) + lm_head for step in range(1, new_tokens)
+    )
+    return {"vision": vision, "prefill_text": prefill_text, "prefill": vision + prefill_text, "decode": decode}
+
+
+def weight_bytes_per_step(arch: Architecture, dtype: torch.dtype) -> int:
+    return (arch.num_hidden_layers * text_layer_params(arch) + arch.hidden_size * REAL_VOCAB_SIZE) * DTYPE_BYTES[dtype]
+
+
+def kv_bytes_per_token(arch: Architecture, dtype: torch.dtype) -> int:
+    """Keys and values one token leaves in the cache, all layers."""
+    return arch.num_hidden_layers * 2 * arch.num_key_value_heads * arch.head_dim * DTYPE_BYTES[dtype]
 
 
 class ModuleTimer:
@@ -171,14 +214,18 @@ class ModuleTimer:
         for handle in self._handles:
             handle.remove()
 
-    def extrapolate(self, total: float, target: Architecture) -> float:
-        """`total` with every block, merger and layer replaced by `target`'s count of its mean cost."""
+    def extrapolate(self, total: float, target: Architecture, calls: int = 1) -> float:
+        """Seconds per model call had the model `target`'s depth.
+
+        `total` is the time of the `calls` model calls the hooks saw. What was spent outside the timed
+        modules is kept; each block, merger and layer counts `target`'s number of times its mean.
+        """
         counts = {
             "vision_block": target.vision_depth,
             "deepstack_merger": len(target.deepstack_visual_indexes),
             "text_layer": target.num_hidden_layers,
         }
-        fixed = total - sum(sum(values) for values in self.seconds.values())
+        fixed = (total - sum(sum(values) for values in self.seconds.values())) / calls
         return fixed + sum(
             counts[group] * (sum(values) / len(values)) for group, values in self.seconds.items() if values
         )

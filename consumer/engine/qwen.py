@@ -144,6 +144,12 @@ class QwenVLEngine:
             return {}
         if device != "cuda":
             raise EngineLoadError(f"QUANTIZATION={mode} needs bitsandbytes on a CUDA device; this one is {device}")
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as exc:
+            raise EngineLoadError(
+                f"QUANTIZATION={mode} needs the bitsandbytes package (pip install bitsandbytes)"
+            ) from exc
         from transformers import BitsAndBytesConfig
 
         if mode == "int8":

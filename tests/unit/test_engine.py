@@ -212,3 +212,8 @@ def test_auto_dtype_on_this_machine(engine):
     assert engine.info.device == "cpu" or torch.cuda.is_available()
     if engine.info.device == "cpu":
         assert engine.info.dtype == ("bfloat16" if cpu_has_native_bf16() else "float32")
+
+
+def test_quantization_is_refused_without_cuda(tiny_model):
+    with pytest.raises(EngineLoadError, match="QUANTIZATION=int8 needs bitsandbytes on a CUDA device"):
+        load_engine(tiny_model, device="cpu", quantization="int8")

@@ -66,6 +66,10 @@ test-unit: setup prometheus-tools
 bench-pipeline: setup
 	$(PY) -m bench.pipeline
 
+# The engine's per-call overhead on the tiny model (bench/README.md has the others).
+bench-tiny: setup
+	$(PY) -m bench.engine_tiny
+
 schemas: setup
 	$(PY) -m consumer.schemas schemas
 

@@ -77,6 +77,8 @@ class LoadedImage:
     source_bytes: int
     fetch_seconds: float = 0.0
     decode_seconds: float = 0.0
+    prepared: object | None = None
+    """The engine's `prepare_image` output, filled in on the fetch thread (see engine/base.py)."""
 
     @property
     def size(self) -> tuple[int, int]:

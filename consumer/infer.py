@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Awaitable, Callable, Sequence
 
 from aiohttp import web
+from PIL import Image
 
 from consumer.engine.base import Engine, EngineInfo, Generation, GenerationRequest
 from consumer.errors import DecodeError
@@ -65,6 +66,10 @@ class SharedEngine:
 
     def load(self) -> None:
         self.engine.load()
+
+    def prepare_image(self, image: Image.Image) -> object | None:
+        """The engine's per-image preprocessing: thread-safe and model-free, so it takes no lock."""
+        return self.engine.prepare_image(image)
 
     def warm_up(self) -> None:
         self.engine.warm_up()

@@ -19,7 +19,7 @@ import signal
 import threading
 import time
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
@@ -249,7 +249,8 @@ class Pipeline:
                 loaded = self.resolver.resolve(event.image)
                 self.metrics.stage_seconds.labels("fetch").observe(loaded.fetch_seconds)
                 self.metrics.stage_seconds.labels("decode").observe(loaded.decode_seconds)
-                return loaded
+                # Image preprocessing here, in parallel, keeps it off the single model thread.
+                return replace(loaded, prepared=self.engine.prepare_image(loaded.image))
             except FetchError as error:
                 error.attempts = attempt
                 if not error.retryable or attempt == FETCH_ATTEMPTS:
@@ -415,7 +416,9 @@ class Pipeline:
         """Results for a batch; if the batch fails, each event alone, so one bad event (a poison
         message) is dead-lettered and the others still get their results."""
         requests = [
-            GenerationRequest(image=loaded.image, prompt=item.event.prompt or self.settings.prompt)
+            GenerationRequest(
+                image=loaded.image, prompt=item.event.prompt or self.settings.prompt, prepared=loaded.prepared
+            )
             for item, loaded in ready
         ]
         started = time.perf_counter()

@@ -14,10 +14,16 @@ from PIL import Image
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One image and the instruction to apply to it."""
+    """One image and the instruction to apply to it.
+
+    `prepared` is what the engine's `prepare_image` returned for this image, when the caller ran it
+    ahead of time (the pipeline does, on its fetch threads); `generate` prepares the image itself
+    when it is None. Either way the output is the same.
+    """
 
     image: Image.Image
     prompt: str
+    prepared: object | None = None
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,13 @@ class Engine(Protocol):
 
     def warm_up(self) -> None:
         """Run one generation so the first real batch does not pay for lazy initialisation."""
+
+    def prepare_image(self, image: Image.Image) -> object | None:
+        """The per-image part of `generate` (resize, normalise, patchify), run ahead on any thread.
+
+        Thread-safe. Returns an opaque value for `GenerationRequest.prepared`, or None when this
+        engine has no such step or it failed (then `generate` does it and reports any error).
+        """
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
         """Describe every image in one batch; results come back in request order."""

@@ -49,7 +49,7 @@ def resolve_dtype(requested: str, device: str) -> torch.dtype:
     cuda: bfloat16 where the GPU supports it, else float16. mps: float16. cpu: bfloat16 on CPUs with
     native bf16 matrix units, else float32 (float16 on a CPU is emulated and several times slower:
     the old service's default). An explicit value is honoured, with a warning where it is known to
-    be slow; float16/bfloat16 on a device that cannot run them is refused.
+    be slow; bfloat16 on a device that cannot run it is refused with a ValueError saying what to use.
     """
     if requested == "auto":
         if device == "cuda":
@@ -58,6 +58,8 @@ def resolve_dtype(requested: str, device: str) -> torch.dtype:
             return torch.float16
         return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     dtype = DTYPES[requested]
+    if device == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise ValueError("TORCH_DTYPE=bfloat16: this GPU has no bfloat16 support; use float16 or auto")
     if device == "mps" and dtype == torch.bfloat16 and not torch.backends.mps.is_macos_or_newer(14, 0):
         raise ValueError("TORCH_DTYPE=bfloat16 needs macOS 14 or newer on mps; use float16 or auto")
     if device == "cpu" and dtype == torch.float16:

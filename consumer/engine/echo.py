@@ -14,6 +14,8 @@ import logging
 import time
 from typing import Sequence
 
+from PIL import Image
+
 from consumer.engine.base import EngineInfo, Generation, GenerationRequest
 
 logger = logging.getLogger(__name__)
@@ -37,6 +39,9 @@ class EchoEngine:
 
     def warm_up(self) -> None:
         self.info.warmup_time = 0.0
+
+    def prepare_image(self, image: Image.Image) -> None:
+        return None
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
         if self.delay_s:

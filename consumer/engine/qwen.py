@@ -4,12 +4,18 @@ Load once: base model from BASE_MODEL_ID (hub id or local directory), the LoRA a
 ADAPTER_PATH merged into the weights (no per-token adapter cost), the processor from the adapter
 directory where it carries one (the old service did this), else from the base model. Generation is
 greedy and batched with left padding, which gives the same text as one image at a time.
+
+The processor's work is split in two so the per-image part can run off the model thread:
+`prepare_image` resizes, normalises and patchifies one image (what the image processor does), and
+`collate` expands each prompt's image placeholder and tokenizes the batch. Together they build
+exactly the tensors `processor(text=..., images=..., padding=True)` builds (a test holds them equal).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -30,6 +36,16 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 
 
+@dataclass(frozen=True)
+class ImageFeatures:
+    """One image as the vision encoder takes it: its patches and their (t, h, w) grid."""
+
+    pixel_values: torch.Tensor
+    """(patches, channels x temporal_patch x patch x patch), float32."""
+    image_grid_thw: torch.Tensor
+    """(1, 3): the patch grid; visual tokens = t * h * w / merge_size**2."""
+
+
 def adapter_present(adapter_path: Path) -> bool:
     return all((adapter_path / name).is_file() for name in ADAPTER_FILES)
 
@@ -47,11 +63,11 @@ def check_adapter_keys(peft_model, adapter_path: Path) -> None:
     expected = set(get_peft_model_state_dict(peft_model).keys())
     missing, unexpected = expected - saved, saved - expected
     if missing or unexpected:
-        sample = sorted(missing or unexpected)[:3]
         raise EngineLoadError(
             f"adapter at {adapter_path} does not fit {peft_model.base_model.model.__class__.__name__}: "
-            f"{len(missing)} adapter weights missing, {len(unexpected)} unexpected (e.g. {sample}); "
-            "it was probably trained against another model or module layout"
+            f"{len(missing)} weights the model expects are missing from it (e.g. {sorted(missing)[:2]}) and "
+            f"{len(unexpected)} of its weights match no module of the model (e.g. {sorted(unexpected)[:2]}); "
+            "it was probably trained against another model, layer count or module layout"
         )
 
 
@@ -72,7 +88,10 @@ class QwenVLEngine:
         settings = self.settings
         started = time.perf_counter()
         device = resolve_device(settings.device)
-        dtype = resolve_dtype(settings.torch_dtype, device)
+        try:
+            dtype = resolve_dtype(settings.torch_dtype, device)
+        except ValueError as exc:
+            raise EngineLoadError(str(exc)) from exc
         self.info.device, self.info.dtype = device, dtype_name(dtype)
         token = settings.hf_token.get_secret_value() if settings.hf_token else None
         logger.info("loading base model %s on %s as %s", settings.base_model_id, device, self.info.dtype)
@@ -125,6 +144,12 @@ class QwenVLEngine:
             return {}
         if device != "cuda":
             raise EngineLoadError(f"QUANTIZATION={mode} needs bitsandbytes on a CUDA device; this one is {device}")
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as exc:
+            raise EngineLoadError(
+                f"QUANTIZATION={mode} needs the bitsandbytes package (pip install bitsandbytes)"
+            ) from exc
         from transformers import BitsAndBytesConfig
 
         if mode == "int8":
@@ -164,12 +189,23 @@ class QwenVLEngine:
                 processor.chat_template = (adapter_path / "chat_template.jinja").read_text()
         except Exception as exc:
             raise EngineLoadError(f"cannot load the processor: {exc}") from exc
+        return self.configure_processor(processor)
+
+    def configure_processor(self, processor):
+        """Left padding (right padding breaks batched generation) and the IMAGE_MIN/MAX_PIXELS bounds."""
         processor.tokenizer.padding_side = "left"
         processor.image_processor.size = {
             "shortest_edge": self.settings.image_min_pixels,
             "longest_edge": self.settings.image_max_pixels,
         }
         return processor
+
+    def adopt(self, model, processor) -> None:
+        """Run a model built in memory instead of loaded (bench/: random weights, no checkpoint files)."""
+        self.model = model.eval()
+        self.processor = self.configure_processor(processor)
+        self.info.device, self.info.dtype = model.device.type, dtype_name(model.dtype)
+        self.info.model_loaded = self.info.processor_loaded = True
 
     # -- run --------------------------------------------------------------------------------
     def warm_up(self) -> None:
@@ -184,17 +220,52 @@ class QwenVLEngine:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
+    def prepare_image(self, image: Image.Image) -> ImageFeatures | None:
+        """Resize, normalise and patchify one image (thread-safe); None if that fails here."""
+        try:
+            return self.image_features(image)
+        except Exception as exc:  # noqa: BLE001 - generate prepares it again and reports the error
+            logger.warning("preparing an image ahead of generate failed (%s); generate will retry it", exc)
+            return None
+
+    def image_features(self, image: Image.Image) -> ImageFeatures:
+        processed = self.processor.image_processor(images=[image], return_tensors="pt")
+        return ImageFeatures(pixel_values=processed["pixel_values"], image_grid_thw=processed["image_grid_thw"])
+
+    def collate(self, requests: Sequence[GenerationRequest]) -> dict[str, torch.Tensor]:
+        """The model inputs for a batch: what `processor(text, images, padding=True)` returns.
+
+        Images already prepared (`request.prepared`) are not processed again.
+        """
+        processor = self.processor
+        image_token = processor.image_token
+        tokens_per_patch = processor.image_processor.merge_size**2
+        features, texts = [], []
+        for request in requests:
+            prepared = request.prepared if isinstance(request.prepared, ImageFeatures) else None
+            image_features = prepared or self.image_features(request.image)
+            text = self.prompt_text(request.prompt)
+            if text.count(image_token) != 1:
+                raise ValueError(f"the prompt must not contain {image_token!r} itself")
+            visual_tokens = int(image_features.image_grid_thw.prod()) // tokens_per_patch
+            texts.append(text.replace(image_token, image_token * visual_tokens))
+            features.append(image_features)
+        encoded = processor.tokenizer(texts, padding=True, return_tensors="pt", return_token_type_ids=False)
+        return {
+            "input_ids": encoded["input_ids"],
+            "attention_mask": encoded["attention_mask"],
+            "mm_token_type_ids": torch.tensor(processor.create_mm_token_type_ids(encoded["input_ids"])),
+            "pixel_values": torch.cat([f.pixel_values for f in features]),
+            "image_grid_thw": torch.cat([f.image_grid_thw for f in features]),
+        }
+
     @torch.inference_mode()
     def generate(self, requests: Sequence[GenerationRequest], max_new_tokens: int | None = None) -> list[Generation]:
         if not requests:
             return []
         started = time.perf_counter()
-        inputs = self.processor(
-            text=[self.prompt_text(request.prompt) for request in requests],
-            images=[request.image for request in requests],
-            padding=True,
-            return_tensors="pt",
-        ).to(self.model.device)
+        device = self.model.device
+        inputs = {name: tensor.to(device) for name, tensor in self.collate(requests).items()}
         self.last_preprocess_seconds = time.perf_counter() - started
         output = self.model.generate(
             **inputs,

@@ -1,0 +1,219 @@
+"""The engine on the tiny Qwen3-VL: faithful batching, the adapter really applied, bad adapters refused.
+
+Every test loads the model through the code that loads the real one (QwenVLEngine.load); outputs are
+the random network's greedy tokens, compared exactly.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from consumer.engine.base import EngineLoadError, GenerationRequest
+from consumer.engine.qwen import QwenVLEngine
+from consumer.engine.tiny import CHAT_TEMPLATE, make_tiny_model
+from consumer.samples import sample_diagram
+from consumer.settings import Settings
+
+# Three shapes (landscape, portrait, wider) -> three visual-token counts, so a batch needs padding.
+SIZES = [(320, 240), (336, 448), (480, 352)]
+PROMPTS = ["Describe the diagram.", "List every step of this diagram as a markdown table with its role."]
+MAX_NEW_TOKENS = 12
+
+
+def load_engine(model_dir: Path, adapter_path: Path | None = None, **overrides) -> QwenVLEngine:
+    settings = Settings.from_environ(
+        {},
+        base_model_id=str(model_dir),
+        adapter_path=adapter_path if adapter_path is not None else model_dir / "adapter",
+        max_new_tokens=MAX_NEW_TOKENS,
+        **overrides,
+    )
+    engine = QwenVLEngine(settings)
+    engine.load()
+    return engine
+
+
+def mixed_requests(count: int = 12) -> list[GenerationRequest]:
+    """`count` different diagrams, three sizes, two prompts of different lengths."""
+    return [
+        GenerationRequest(image=sample_diagram(index, SIZES[index % len(SIZES)]), prompt=PROMPTS[index % 2])
+        for index in range(count)
+    ]
+
+
+def texts(engine: QwenVLEngine, requests: list[GenerationRequest]) -> list[str]:
+    return [generation.text for generation in engine.generate(requests)]
+
+
+def adapter_copy(tiny_model: Path, destination: Path, rename=lambda key: key, keep=lambda key: True) -> Path:
+    """A copy of the tiny model's adapter with its weight names rewritten or some weights dropped."""
+    shutil.copytree(tiny_model / "adapter", destination)
+    weights = load_file(destination / "adapter_model.safetensors")
+    changed = {rename(key): tensor for key, tensor in weights.items() if keep(key)}
+    save_file(changed, destination / "adapter_model.safetensors", metadata={"format": "pt"})
+    return destination
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model) -> QwenVLEngine:
+    return load_engine(tiny_model)
+
+
+# Seeds whose random networks answer differently for most of the 12 requests (some seeds repeat
+# one token whatever the image, which would make the equality test prove little).
+@pytest.fixture(scope="module", params=[0, 3, 5], ids=lambda seed: f"seed{seed}")
+def seeded_engine(request, tiny_model, tmp_path_factory) -> QwenVLEngine:
+    if request.param == 0:
+        return load_engine(tiny_model)
+    directory = tmp_path_factory.mktemp(f"tiny-model-seed{request.param}")
+    make_tiny_model(directory, seed=request.param)
+    return load_engine(directory)
+
+
+# -- batching ----------------------------------------------------------------------------------------
+
+
+def test_batched_greedy_output_equals_one_at_a_time(seeded_engine):
+    requests = mixed_requests(12)
+    alone = [seeded_engine.generate([request])[0] for request in requests]
+    # The outputs must depend on the image and prompt, or equality below would prove nothing.
+    assert len({generation.text for generation in alone}) >= 8, [g.text for g in alone]
+
+    batched = seeded_engine.generate(requests)
+    assert [g.text for g in batched] == [g.text for g in alone]
+    assert [g.output_tokens for g in batched] == [g.output_tokens for g in alone]
+    assert all(0 < g.output_tokens <= MAX_NEW_TOKENS for g in batched)
+
+    # Another grouping (reversed, in two uneven batches) gives the same text again.
+    reordered = list(reversed(requests))
+    regrouped = texts(seeded_engine, reordered[:5]) + texts(seeded_engine, reordered[5:])
+    assert regrouped == [g.text for g in reversed(alone)]
+
+
+@torch.inference_mode()
+def test_batched_next_token_scores_match_one_at_a_time(engine):
+    """Stronger than equal argmax: the whole next-token distribution is the same under left padding."""
+    requests = mixed_requests(6)
+    batch = engine.collate(requests)
+    batched_logits = engine.model(**batch).logits[:, -1]
+    for row, request in enumerate(requests):
+        alone_logits = engine.model(**engine.collate([request])).logits[:, -1]
+        torch.testing.assert_close(batched_logits[row : row + 1], alone_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_images_prepared_ahead_give_the_same_output(engine):
+    requests = mixed_requests(6)
+    expected = texts(engine, requests)
+    # Half prepared (as the pipeline's fetch threads do), half not: one batch, same text.
+    mixed = [
+        GenerationRequest(request.image, request.prompt, engine.prepare_image(request.image) if index % 2 else None)
+        for index, request in enumerate(requests)
+    ]
+    assert texts(engine, mixed) == expected
+
+
+def test_collate_builds_exactly_the_processors_tensors(engine):
+    requests = mixed_requests(6)
+    reference = engine.processor(
+        text=[engine.prompt_text(request.prompt) for request in requests],
+        images=[request.image for request in requests],
+        padding=True,
+        return_tensors="pt",
+    )
+    collated = engine.collate(requests)
+    assert set(collated) == set(reference.keys())
+    for name, tensor in reference.items():
+        assert torch.equal(collated[name], tensor), name
+    assert len(set(reference["image_grid_thw"].prod(dim=1).tolist())) == len(SIZES)
+    assert (reference["attention_mask"] == 0).any()  # left padding happened
+
+
+def test_image_max_pixels_bounds_the_visual_tokens(tiny_model):
+    bounded = load_engine(tiny_model, image_max_pixels=128 * 32 * 32)
+    features = bounded.image_features(sample_diagram(0, (1600, 1200)))
+    patches = int(features.image_grid_thw.prod())
+    assert patches // 4 <= 128  # visual tokens = patches / merge_size**2
+
+
+def test_a_prompt_carrying_the_image_placeholder_is_refused(engine):
+    request = GenerationRequest(sample_diagram(0, SIZES[0]), "Describe <|image_pad|> this.")
+    with pytest.raises(ValueError, match="must not contain"):
+        engine.generate([request])
+
+
+# -- the adapter -------------------------------------------------------------------------------------
+
+
+def test_adapter_is_merged_and_changes_the_output(engine, tiny_model, tmp_path):
+    base = load_engine(tiny_model, adapter_path=tmp_path / "empty")
+    assert base.info.adapter is None
+    assert engine.info.adapter == str(tiny_model / "adapter")
+    # Merged: no LoRA modules are left to cost time at every token.
+    assert not any("lora" in name for name, _ in engine.model.named_parameters())
+
+    requests = mixed_requests(6)
+    with_adapter, without = texts(engine, requests), texts(base, requests)
+    assert sum(a != b for a, b in zip(with_adapter, without)) >= 4, (with_adapter, without)
+
+
+@pytest.mark.filterwarnings("ignore:Found missing adapter keys")  # peft's warning: what this test turns into an error
+@pytest.mark.parametrize(
+    "case, rename, keep",
+    [
+        # The known trap: an adapter saved against the older layout (no `language_model` level).
+        ("older-module-layout", lambda key: key.replace("model.language_model.layers", "model.layers"), None),
+        # Trained for a one-layer model: the second layer's weights are missing.
+        ("fewer-layers", None, lambda key: ".layers.1." not in key),
+        # Trained for a deeper model: weights for a layer this model does not have.
+        ("more-layers", lambda key: key.replace(".layers.1.", ".layers.7."), None),
+    ],
+)
+def test_adapter_that_does_not_fit_stops_the_load(tiny_model, tmp_path, case, rename, keep):
+    adapter = adapter_copy(tiny_model, tmp_path / case, rename or (lambda key: key), keep or (lambda key: True))
+    with pytest.raises(EngineLoadError, match="does not fit") as refused:
+        load_engine(tiny_model, adapter_path=adapter)
+    assert str(adapter) in str(refused.value)
+
+
+def test_adapter_directory_chat_template_reaches_the_model(engine, tiny_model, tmp_path):
+    adapter = tmp_path / "adapter-with-template"
+    shutil.copytree(tiny_model / "adapter", adapter)
+    system = "<|im_start|>system\nYou transcribe business process diagrams.<|im_end|>\n"
+    (adapter / "chat_template.jinja").write_text(system + CHAT_TEMPLATE)
+    templated = load_engine(tiny_model, adapter_path=adapter)
+
+    assert templated.prompt_text(PROMPTS[0]).startswith(system)
+    assert system not in engine.prompt_text(PROMPTS[0])
+    assert PROMPTS[0] in templated.prompt_text(PROMPTS[0])
+    requests = mixed_requests(6)
+    assert texts(templated, requests) != texts(engine, requests)
+
+
+# -- device and dtype --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_explicit_dtype_is_what_the_model_runs_in(tiny_model, dtype):
+    explicit = load_engine(tiny_model, device="cpu", torch_dtype=dtype)
+    assert explicit.info.device == "cpu" and explicit.info.dtype == dtype
+    assert {parameter.dtype for parameter in explicit.model.parameters()} == {getattr(torch, dtype)}
+    [generation] = explicit.generate(mixed_requests(1))
+    assert generation.output_tokens > 0
+
+
+def test_auto_dtype_on_this_machine(engine):
+    from consumer.engine.device import cpu_has_native_bf16
+
+    assert engine.info.device == "cpu" or torch.cuda.is_available()
+    if engine.info.device == "cpu":
+        assert engine.info.dtype == ("bfloat16" if cpu_has_native_bf16() else "float32")
+
+
+def test_quantization_is_refused_without_cuda(tiny_model):
+    with pytest.raises(EngineLoadError, match="QUANTIZATION=int8 needs bitsandbytes on a CUDA device"):
+        load_engine(tiny_model, device="cpu", quantization="int8")

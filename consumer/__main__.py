@@ -43,10 +43,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"BASE_MODEL_ID={args.directory.resolve()} ADAPTER_PATH={adapter.resolve()}")
         return 0
     if args.command == "broker":
+        import signal
         import time
 
         from consumer.local_kafka import LocalKafka
 
+        # SIGTERM stops the broker like Ctrl-C does, instead of leaving its java process behind.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
         with LocalKafka() as broker:
             print(f"KAFKA_BOOTSTRAP_SERVERS={broker.bootstrap_servers}", flush=True)
             try:

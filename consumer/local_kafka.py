@@ -78,6 +78,9 @@ class LocalKafka:
         ]
 
     def start(self, timeout: float = 90.0) -> LocalKafka:
+        """Start the broker and wait until it answers; a no-op if this instance already runs one."""
+        if self.process is not None and self.process.poll() is None:
+            return self
         libs = ensure_jars()
         self.workdir.mkdir(parents=True, exist_ok=True)
         properties = self.workdir / "server.properties"

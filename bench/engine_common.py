@@ -17,7 +17,14 @@ from typing import Callable
 
 import torch
 
-from consumer.engine.tiny import REAL_VOCAB_SIZE, Architecture, _train_tokenizer, make_processor, qwen3_vl_config
+from consumer.engine.tiny import (
+    REAL_VOCAB_SIZE,
+    Architecture,
+    _train_tokenizer,
+    make_processor,
+    qwen3_vl_config,
+    special_token_ids,
+)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 NEW_TOKENS = 384  # the old service's MAX_NEW_TOKENS: what one description costs
@@ -71,14 +78,7 @@ def bench_processor():
     size (151,936) and this tokenizer agree; only the prompt's text tokens differ from Qwen's tokenizer.
     """
     tokenizer = _train_tokenizer()
-    token_ids = {
-        "image_token_id": tokenizer.convert_tokens_to_ids("<|image_pad|>"),
-        "video_token_id": tokenizer.convert_tokens_to_ids("<|video_pad|>"),
-        "vision_start_token_id": tokenizer.convert_tokens_to_ids("<|vision_start|>"),
-        "vision_end_token_id": tokenizer.convert_tokens_to_ids("<|vision_end|>"),
-        "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"),
-        "pad_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-    }
+    token_ids = special_token_ids(tokenizer)
     return make_processor(tokenizer), token_ids
 
 

@@ -205,6 +205,18 @@ def _train_tokenizer():
     )
 
 
+def special_token_ids(tokenizer) -> dict[str, int]:
+    """The config's token-id fields, read from a tokenizer that has Qwen's special tokens."""
+    return {
+        "image_token_id": tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+        "video_token_id": tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+        "vision_start_token_id": tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+        "vision_end_token_id": tokenizer.convert_tokens_to_ids("<|vision_end|>"),
+        "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        "pad_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+    }
+
+
 def make_processor(tokenizer, chat_template: str = CHAT_TEMPLATE):
     from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
 
@@ -239,14 +251,7 @@ def make_tiny_model(directory: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
 
     tokenizer = _train_tokenizer()
-    token_ids = {
-        "image_token_id": tokenizer.convert_tokens_to_ids("<|image_pad|>"),
-        "video_token_id": tokenizer.convert_tokens_to_ids("<|video_pad|>"),
-        "vision_start_token_id": tokenizer.convert_tokens_to_ids("<|vision_start|>"),
-        "vision_end_token_id": tokenizer.convert_tokens_to_ids("<|vision_end|>"),
-        "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"),
-        "pad_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-    }
+    token_ids = special_token_ids(tokenizer)
     config = qwen3_vl_config(TINY, vocab_size=len(tokenizer), token_ids=token_ids)
     model = Qwen3VLForConditionalGeneration(config).eval()
     model.generation_config.eos_token_id = token_ids["eos_token_id"]

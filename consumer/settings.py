@@ -51,6 +51,10 @@ class Settings(BaseSettings):
     image_max_pixels: int = Field(1024 * 32 * 32, ge=32 * 32)
     """Images are downscaled to at most this many pixels: 1,048,576 = at most 1024 visual tokens."""
     torch_compile: bool = False
+    kv_cache: Literal["auto", "static", "dynamic"] = "auto"
+    """KV cache during generation: static (preallocated, updated in place) or dynamic (grown by
+    concatenation every step). auto: static on cpu, where copying a growing cache each step cost more
+    than the attention itself (bench/engine_cpu.py); dynamic elsewhere until measured on a GPU."""
     quantization: Literal["int8", "4bit"] | None = None
     batch_size: int = Field(8, ge=1, le=256)
     batch_max_wait_ms: int = Field(50, ge=0)

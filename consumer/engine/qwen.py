@@ -274,6 +274,10 @@ class QwenVLEngine:
             temperature=None,
             top_p=None,
             top_k=None,
+            cache_implementation=self.kv_cache_implementation(),
+            # transformers compiles the decode step by itself on CUDA with a static cache; a service
+            # whose batch shapes vary would recompile constantly, so only TORCH_COMPILE opts in.
+            disable_compile=not self.settings.torch_compile,
         )
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
         tokenizer = self.processor.tokenizer
@@ -288,6 +292,12 @@ class QwenVLEngine:
             text = tokenizer.decode(row, skip_special_tokens=True).strip()
             generations.append(Generation(text=text, output_tokens=produced))
         return generations
+
+    def kv_cache_implementation(self) -> str:
+        """KV_CACHE resolved for the device the model runs on ("static" or "dynamic")."""
+        if self.settings.kv_cache != "auto":
+            return self.settings.kv_cache
+        return "static" if self.info.device == "cpu" else "dynamic"
 
     def _eos_ids(self) -> set[int]:
         eos = self.model.generation_config.eos_token_id

@@ -217,3 +217,12 @@ def test_auto_dtype_on_this_machine(engine):
 def test_quantization_is_refused_without_cuda(tiny_model):
     with pytest.raises(EngineLoadError, match="QUANTIZATION=int8 needs bitsandbytes on a CUDA device"):
         load_engine(tiny_model, device="cpu", quantization="int8")
+
+
+def test_static_and_dynamic_kv_cache_give_the_same_text(engine, tiny_model):
+    """KV_CACHE changes how the cache is stored (auto: static on cpu), never what is generated."""
+    assert engine.kv_cache_implementation() == "static"
+    dynamic = load_engine(tiny_model, kv_cache="dynamic")
+    assert dynamic.kv_cache_implementation() == "dynamic"
+    requests = mixed_requests(6)
+    assert texts(engine, requests) == texts(dynamic, requests)

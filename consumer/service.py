@@ -51,7 +51,7 @@ def run_service(settings: Settings) -> int:
     state = ServiceState()
     engine = build_engine(settings)
     # The pipeline and POST /infer share one engine, and through it one model call at a time.
-    shared = SharedEngine(engine, settings.batch_size)
+    shared = SharedEngine(engine, settings.batch_size or engine.info.default_batch_size)
     app = build_app(settings, engine.info, state, metrics, infer_engine=shared if settings.infer_endpoint else None)
     # The side server answers (503) while the model loads, so probes see a live, not-ready pod.
     server = SideServer(app, settings.http_host, settings.http_port)
@@ -65,6 +65,10 @@ def run_service(settings: Settings) -> int:
         logger.error("cannot start: %s", exc)
         server.stop()
         return EXIT_LOAD_FAILED
+    if settings.batch_size is None:
+        settings = settings.model_copy(update={"batch_size": engine.info.default_batch_size})
+        shared.batch_size = settings.batch_size
+        logger.info("BATCH_SIZE unset: %d, the default on %s", settings.batch_size, engine.info.device)
     metrics.record_engine(engine.info)
     state.ready = True
     pipeline = Pipeline(

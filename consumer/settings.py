@@ -55,8 +55,14 @@ class Settings(BaseSettings):
     """KV cache during generation: static (preallocated, updated in place) or dynamic (grown by
     concatenation every step). auto: static on cpu, where copying a growing cache each step cost more
     than the attention itself (bench/engine_cpu.py); dynamic elsewhere until measured on a GPU."""
+    decode_matmul: Literal["auto", "onednn", "default"] = "auto"
+    """How float32 CPU linear layers multiply few rows (a decode step: one row per image): onednn
+    sends calls of up to 256 rows to oneDNN, 1.15-2.2x faster than PyTorch's default GEMM there
+    (consumer/engine/onednn.py); default leaves every call to PyTorch. auto: onednn on cpu in float32."""
     quantization: Literal["int8", "4bit"] | None = None
-    batch_size: int = Field(8, ge=1, le=256)
+    batch_size: int | None = Field(None, ge=1, le=256)
+    """Images per generate call at most. Unset: the engine's default for its device (16 on a CPU, 8
+    elsewhere: consumer/engine/device.py default_batch_size)."""
     batch_max_wait_ms: int = Field(50, ge=0)
     echo_delay_ms: int = Field(0, ge=0)
     """ENGINE=echo only: sleep this long per generate call, to stand in for a slow model in tests."""

@@ -45,6 +45,8 @@ class EngineInfo:
     backend: str = "transformers"
     model_load_time: float | None = None
     warmup_time: float | None = None
+    default_batch_size: int = 8
+    """The batch this engine runs best at on its device; BATCH_SIZE, when set, overrides it."""
     model_loaded: bool = False
     processor_loaded: bool = False
     notes: list[str] = field(default_factory=list)

@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from PIL import Image
 
+from consumer.engine import onednn
 from consumer.engine.base import EngineInfo, EngineLoadError, Generation, GenerationRequest
-from consumer.engine.device import dtype_name, resolve_device, resolve_dtype
+from consumer.engine.device import default_batch_size, dtype_name, resolve_device, resolve_dtype
 
 if TYPE_CHECKING:
     from consumer.settings import Settings
@@ -93,6 +94,7 @@ class QwenVLEngine:
         except ValueError as exc:
             raise EngineLoadError(str(exc)) from exc
         self.info.device, self.info.dtype = device, dtype_name(dtype)
+        self.info.default_batch_size = default_batch_size(device)
         token = settings.hf_token.get_secret_value() if settings.hf_token else None
         logger.info("loading base model %s on %s as %s", settings.base_model_id, device, self.info.dtype)
         try:
@@ -117,6 +119,7 @@ class QwenVLEngine:
         if getattr(model, "hf_device_map", None) is None and not settings.quantization:
             model = model.to(device)
         model.eval()
+        self._route_decode_matmuls(model)
         if settings.torch_compile:
             logger.info("TORCH_COMPILE=1: compiling the model's forward (first batches will be slow)")
             model.forward = torch.compile(model.forward, dynamic=True)
@@ -127,6 +130,21 @@ class QwenVLEngine:
         self.info.processor_loaded = True
         self.info.model_load_time = round(time.perf_counter() - started, 3)
         logger.info("model ready in %.2f s (adapter: %s)", self.info.model_load_time, self.info.adapter)
+
+    def _route_decode_matmuls(self, model) -> None:
+        """DECODE_MATMUL: few-row float32 matmuls on oneDNN on CPUs (consumer/engine/onednn.py)."""
+        mode = self.settings.decode_matmul
+        on_cpu_float32 = model.device.type == "cpu" and model.dtype == torch.float32
+        if mode == "default" or (mode == "auto" and not (on_cpu_float32 and onednn.available())):
+            return
+        if not on_cpu_float32 or not onednn.available():
+            raise EngineLoadError(
+                f"DECODE_MATMUL=onednn needs a float32 model on a CPU with a oneDNN-enabled PyTorch; this one is "
+                f"{dtype_name(model.dtype)} on {model.device.type} (oneDNN available: {onednn.available()})"
+            )
+        converted = onednn.route_few_rows_to_onednn(model)
+        logger.info("DECODE_MATMUL=%s: %d linear layers run calls of up to %d rows on oneDNN",
+                    mode, converted, onednn.ROWS_LIMIT)
 
     def _attention_implementation(self, device: str) -> str:
         if device == "cuda":
@@ -205,6 +223,8 @@ class QwenVLEngine:
         self.model = model.eval()
         self.processor = self.configure_processor(processor)
         self.info.device, self.info.dtype = model.device.type, dtype_name(model.dtype)
+        self.info.default_batch_size = default_batch_size(self.info.device)
+        self._route_decode_matmuls(model)
         self.info.model_loaded = self.info.processor_loaded = True
 
     # -- run --------------------------------------------------------------------------------

@@ -64,6 +64,24 @@ def test_batched_results_carry_metadata_and_match_single_generation(kafka_bootst
         assert results[event_id]["metadata"]["output_tokens"] == alone.output_tokens, event_id
 
 
+@pytest.mark.integration
+def test_unset_batch_size_is_the_devices_default(kafka_bootstrap, topics, service):
+    """Without BATCH_SIZE a replica batches its device's default: 16 images on a CPU (README "The engine")."""
+    from consumer.engine.device import default_batch_size, resolve_device
+
+    device = resolve_device("auto")
+    expected = default_batch_size(device)
+    image = base64.b64encode(png_bytes(sample_diagram(0, (320, 240)))).decode()
+    produce(kafka_bootstrap, topics.input,
+            [(f"e{index}", json.dumps({"id": f"e{index}", "image": {"base64": image}})) for index in range(20)])
+    runner = service(BATCH_MAX_WAIT_MS="3000")
+    records = read_records(kafka_bootstrap, topics.output, 20, timeout=120)
+    assert len(records) == 20, runner.log()
+    sizes = Counter(json.loads(record.value())["metadata"]["batch_size"] for record in records)
+    assert max(sizes) == expected, sizes
+    assert f"BATCH_SIZE unset: {expected}, the default on {device}" in runner.log()
+
+
 def test_service_with_an_adapter_that_does_not_fit_exits_3_and_says_why(tiny_model, tmp_path):
     adapter = tmp_path / "adapter-for-another-layout"
     shutil.copytree(tiny_model / "adapter", adapter)

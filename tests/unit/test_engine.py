@@ -226,3 +226,39 @@ def test_static_and_dynamic_kv_cache_give_the_same_text(engine, tiny_model):
     assert dynamic.kv_cache_implementation() == "dynamic"
     requests = mixed_requests(6)
     assert texts(engine, requests) == texts(dynamic, requests)
+
+
+def test_onednn_decode_matmuls_give_the_same_text(engine, tiny_model):
+    """DECODE_MATMUL (auto: oneDNN for few-row float32 matmuls on cpu) changes speed, never the text."""
+    from consumer.engine.onednn import FewRowsLinear, available
+
+    if not available():
+        pytest.skip("this PyTorch build has no oneDNN")
+    routed = [m for m in engine.model.modules() if isinstance(m, FewRowsLinear)]
+    assert routed and engine.model.lm_head in routed
+    default = load_engine(tiny_model, decode_matmul="default")
+    assert not any(isinstance(m, FewRowsLinear) for m in default.model.modules())
+    requests = mixed_requests(6)
+    assert texts(engine, requests) == texts(default, requests)
+
+
+def test_onednn_linear_equals_nn_linear_at_decode_and_prefill_rows():
+    """Both paths of FewRowsLinear (oneDNN up to ROWS_LIMIT rows, nn.Linear above) compute x W^T + b."""
+    from consumer.engine import onednn
+
+    if not onednn.available():
+        pytest.skip("this PyTorch build has no oneDNN")
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(96, 40)
+    reference = torch.nn.Linear(96, 40)
+    reference.load_state_dict(layer.state_dict())
+    assert onednn.route_few_rows_to_onednn(layer) == 1
+    with torch.inference_mode():
+        for rows in (1, 3, onednn.ROWS_LIMIT, onednn.ROWS_LIMIT + 1):
+            x = torch.randn(rows, 1, 96)
+            torch.testing.assert_close(layer(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_onednn_refused_where_it_cannot_run(tiny_model):
+    with pytest.raises(EngineLoadError, match="DECODE_MATMUL=onednn needs a float32 model on a CPU"):
+        load_engine(tiny_model, device="cpu", torch_dtype="bfloat16", decode_matmul="onednn")

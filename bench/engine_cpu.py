@@ -66,6 +66,7 @@ from bench.engine_common import (
 )
 from consumer.engine.base import GenerationRequest
 from consumer.engine.device import dtype_name, resolve_dtype
+from consumer.engine.kv_cache import FilledStaticCache
 from consumer.engine.qwen import QwenVLEngine
 from consumer.engine.tiny import REAL_2B, Architecture
 from consumer.samples import sample_diagram
@@ -117,8 +118,8 @@ def prefill(model, inputs: dict, timer: ModuleTimer | None = None):
 def grown_cache(cache, batch: int, extra: int, static: bool = False, room: int = 0, config=None):
     """`cache` replicated `batch` times, padded by `extra` positions (copies of itself).
 
-    static: returned as a StaticCache with `room` free positions, as the engine's KV_CACHE=static
-    (the CPU default) allocates it; else a DynamicCache, grown by concatenation at every step.
+    static: returned as the engine's KV_CACHE=static cache (the CPU default, FilledStaticCache) with
+    `room` free positions; else a DynamicCache, grown by concatenation at every step.
     """
     grown = copy.deepcopy(cache)
     for layer in grown.layers:
@@ -133,10 +134,8 @@ def grown_cache(cache, batch: int, extra: int, static: bool = False, room: int =
             setattr(layer, name, rows if static else rows.contiguous())
     if not static:
         return grown
-    from transformers import StaticCache
-
     length = grown.get_seq_length()
-    preallocated = StaticCache(config=config, max_cache_len=length + room)
+    preallocated = FilledStaticCache(config=config, max_cache_len=length + room)
     for index, layer in enumerate(grown.layers):
         preallocated.update(layer.keys, layer.values, index, {"cache_position": torch.arange(length)})
     return preallocated
@@ -151,7 +150,9 @@ def decode_steps(model, cache, batch: int, extra: int, steps: int, timer: Module
     static: the KV cache is a preallocated StaticCache (the engine on a CPU), else a DynamicCache.
     """
     context = cache.get_seq_length() + extra
-    grown = grown_cache(cache, batch, extra, static=static, room=steps + 2, config=base_of(model).config)
+    # Sized as the engine sizes it: the prompt plus NEW_TOKENS (and the steps timed here), whatever `extra` is.
+    room = NEW_TOKENS - extra + steps + 2
+    grown = grown_cache(cache, batch, extra, static=static, room=room, config=base_of(model).config)
     token = torch.full((batch, 1), 100, dtype=torch.long)
     times = []
     for step in range(steps + 1):

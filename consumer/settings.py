@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     than the attention itself (bench/engine_cpu.py); dynamic elsewhere until measured on a GPU."""
     decode_matmul: Literal["auto", "onednn", "default"] = "auto"
     """How float32 CPU linear layers multiply few rows (a decode step: one row per image): onednn
-    sends calls of up to 256 rows to oneDNN, 1.15-2.2x faster than PyTorch's default GEMM there
+    sends calls of up to 128 rows to oneDNN, 1.1-2.3x faster than PyTorch's default GEMM there
     (consumer/engine/onednn.py); default leaves every call to PyTorch. auto: onednn on cpu in float32."""
     quantization: Literal["int8", "4bit"] | None = None
     batch_size: int | None = Field(None, ge=1, le=256)

@@ -72,7 +72,7 @@ def resolve_dtype(requested: str, device: str) -> torch.dtype:
 def default_batch_size(device: str) -> int:
     """BATCH_SIZE when it is unset: the batch that measured best per image where it was measured.
 
-    cpu: 16. `python -m bench.engine_cpu` on the 2B architecture: 67 s/image at 8, 60 at 16, 55 at
+    cpu: 16. `python -m bench.engine_cpu` on the 2B architecture: 69 s/image at 8, 61 at 16, 56 at
     32; 16 keeps the model, its batch-16 KV cache (4.6 GB) and prefill within 16 GB, and a batch
     within about 16 minutes. cuda and mps: 8 until bench/engine_gpu.py has run on a GPU.
     """

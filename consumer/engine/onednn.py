@@ -2,8 +2,8 @@
 
 A decode step multiplies every weight matrix by one row per image in the batch. PyTorch's float32
 CPU GEMM (MKL) is tuned for many rows and runs such skinny products at a fraction of its speed; the
-same product through oneDNN, on the very same weight tensor, is 1.15-2.2x faster per text layer at
-1-256 rows on this repository's benchmark CPU (`python -m bench.cpu_matmul`; the effect on whole
+same product through oneDNN, on the very same weight tensor, is 1.1-2.3x faster per text layer at
+1-128 rows on this repository's benchmark CPU (`python -m bench.cpu_kernels`; the effect on whole
 decode steps: `python -m bench.engine_cpu`; both in bench/README.md).
 With hundreds of rows (prefill: every prompt and visual token at once) MKL is faster again, so the
 choice is made per call by the number of rows.
@@ -21,10 +21,11 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-ROWS_LIMIT = 256
-"""Calls with at most this many rows go to oneDNN. On the benchmark CPU (`python -m bench.cpu_matmul`)
-a Qwen3-VL-2B text layer's linear layers took, default against oneDNN: 6.2/3.0 ms at 1 row, 71/53 at
-64, 186/162 at 256, 320/354 at 512."""
+ROWS_LIMIT = 128
+"""Calls with at most this many rows go to oneDNN. On the benchmark CPU (`python -m bench.cpu_kernels`)
+a Qwen3-VL-2B text layer's linear layers took, default against oneDNN: 6.5/2.9 ms at 1 row, 59/52 at
+64, 97/88 at 128, 327/340 at 512, 1193/1515 at 2048; between 128 and 512 rows runs disagree on which
+is faster."""
 
 
 def available() -> bool:

@@ -25,6 +25,7 @@ from PIL import Image
 from consumer.engine import onednn
 from consumer.engine.base import EngineInfo, EngineLoadError, Generation, GenerationRequest
 from consumer.engine.device import default_batch_size, dtype_name, resolve_device, resolve_dtype
+from consumer.engine.kv_cache import FilledStaticCache
 
 if TYPE_CHECKING:
     from consumer.settings import Settings
@@ -287,14 +288,15 @@ class QwenVLEngine:
         device = self.model.device
         inputs = {name: tensor.to(device) for name, tensor in self.collate(requests).items()}
         self.last_preprocess_seconds = time.perf_counter() - started
+        max_new_tokens = max_new_tokens or self.settings.max_new_tokens
         output = self.model.generate(
             **inputs,
-            max_new_tokens=max_new_tokens or self.settings.max_new_tokens,
+            **self._cache_kwargs(inputs["input_ids"].shape[1] + max_new_tokens),
+            max_new_tokens=max_new_tokens,
             do_sample=False,
             temperature=None,
             top_p=None,
             top_k=None,
-            cache_implementation=self.kv_cache_implementation(),
             # transformers compiles the decode step by itself on CUDA with a static cache; a service
             # whose batch shapes vary would recompile constantly, so only TORCH_COMPILE opts in.
             disable_compile=not self.settings.torch_compile,
@@ -318,6 +320,13 @@ class QwenVLEngine:
         if self.settings.kv_cache != "auto":
             return self.settings.kv_cache
         return "static" if self.info.device == "cpu" else "dynamic"
+
+    def _cache_kwargs(self, max_length: int) -> dict:
+        """generate's cache arguments: a FilledStaticCache (consumer/engine/kv_cache.py) or the dynamic default."""
+        if self.kv_cache_implementation() == "dynamic":
+            return {"cache_implementation": "dynamic"}
+        text_config = self.model.config.get_text_config(decoder=True)
+        return {"cache": FilledStaticCache(config=text_config, max_cache_len=max_length)}
 
     def _eos_ids(self) -> set[int]:
         eos = self.model.generation_config.eos_token_id

@@ -262,3 +262,26 @@ def test_onednn_linear_equals_nn_linear_at_decode_and_prefill_rows():
 def test_onednn_refused_where_it_cannot_run(tiny_model):
     with pytest.raises(EngineLoadError, match="DECODE_MATMUL=onednn needs a float32 model on a CPU"):
         load_engine(tiny_model, device="cpu", torch_dtype="bfloat16", decode_matmul="onednn")
+
+
+def test_static_cache_attention_reads_only_the_filled_positions(engine, monkeypatch):
+    """KV_CACHE=static preallocates prompt + MAX_NEW_TOKENS positions; attention sees only those filled."""
+    from consumer.engine.kv_cache import FilledStaticLayer
+
+    calls: list[tuple[object, int, int]] = []  # (layer, positions attention got, positions preallocated)
+    update = FilledStaticLayer.update
+
+    def spy(layer, *args, **kwargs):
+        keys, values = update(layer, *args, **kwargs)
+        calls.append((layer, keys.shape[-2], layer.keys.shape[-2]))
+        return keys, values
+
+    monkeypatch.setattr(FilledStaticLayer, "update", spy)
+    [request] = mixed_requests(1)
+    prompt_length = engine.collate([request])["input_ids"].shape[1]
+    engine.generate([request])
+    first_layer = calls[0][0]
+    seen = [(got, preallocated) for layer, got, preallocated in calls if layer is first_layer]
+    assert seen[0] == (prompt_length, prompt_length + MAX_NEW_TOKENS)
+    assert [length for length, _ in seen] == list(range(prompt_length, prompt_length + len(seen)))
+    assert len(seen) > 1

@@ -1,0 +1,39 @@
+"""The KV cache the engine decodes with on CPUs (KV_CACHE=static): preallocated, read only where filled.
+
+transformers' StaticCache preallocates every layer's keys and values for prompt + max_new_tokens
+positions and updates them in place, which on a CPU beat the default DynamicCache (that one copies
+the whole cache at every token to grow it). But it hands attention the whole preallocated length,
+masked, at every step: at the first new token of a 1024x768 diagram, 870 positions are filled out
+of 1254 and attention still reads all 1254. `FilledStaticCache` keeps the preallocated buffers and
+hands attention a view of the filled prefix (no copy), with masks sized to match, exactly as a
+dynamic cache of the same contents would.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import StaticCache
+from transformers.cache_utils import StaticLayer
+
+
+class FilledStaticLayer(StaticLayer):
+    """A StaticLayer whose keys and values, as attention sees them, end at the last filled position."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        filled = int(self.cumulative_length)
+        return keys[:, :, :filled], values[:, :, :filled]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # Called before `update` adds the query's positions: the mask covers what attention will see.
+        return int(self.get_seq_length()) + query_length, 0
+
+
+class FilledStaticCache(StaticCache):
+    """StaticCache with FilledStaticLayer layers: pass it to `generate(cache=...)`."""
+
+    def __init__(self, config, max_cache_len: int, **kwargs) -> None:
+        super().__init__(config=config, max_cache_len=max_cache_len, **kwargs)
+        if any(type(layer) is not StaticLayer for layer in self.layers):
+            raise ValueError("FilledStaticCache supports full-attention layers only (no sliding window)")
+        self.layers = [FilledStaticLayer(max_cache_len=max_cache_len) for _ in self.layers]

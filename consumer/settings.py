@@ -58,7 +58,8 @@ class Settings(BaseSettings):
     decode_matmul: Literal["auto", "onednn", "default"] = "auto"
     """How float32 CPU linear layers multiply few rows (a decode step: one row per image): onednn
     sends calls of up to 128 rows to oneDNN, 1.1-2.3x faster than PyTorch's default GEMM there
-    (consumer/engine/onednn.py); default leaves every call to PyTorch. auto: onednn on cpu in float32."""
+    (consumer/engine/onednn.py); default leaves every call to PyTorch. auto: onednn on cpu in float32
+    unless TORCH_COMPILE is on (torch.compile cannot lower it and picks its own kernels)."""
     quantization: Literal["int8", "4bit"] | None = None
     batch_size: int | None = Field(None, ge=1, le=256)
     """Images per generate call at most. Unset: the engine's default for its device (16 on a CPU, 8

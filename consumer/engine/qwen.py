@@ -136,8 +136,14 @@ class QwenVLEngine:
         """DECODE_MATMUL: few-row float32 matmuls on oneDNN on CPUs (consumer/engine/onednn.py)."""
         mode = self.settings.decode_matmul
         on_cpu_float32 = model.device.type == "cpu" and model.dtype == torch.float32
-        if mode == "default" or (mode == "auto" and not (on_cpu_float32 and onednn.available())):
+        # torch.compile's CPU backend cannot lower these calls (it wants the weight as a graph constant)
+        # and picks its own kernels, oneDNN included.
+        compiled = self.settings.torch_compile
+        if mode == "default" or (mode == "auto" and not (on_cpu_float32 and onednn.available() and not compiled)):
             return
+        if compiled:
+            raise EngineLoadError("DECODE_MATMUL=onednn cannot be combined with TORCH_COMPILE: torch.compile picks "
+                                  "its own CPU kernels; leave DECODE_MATMUL=auto")
         if not on_cpu_float32 or not onednn.available():
             raise EngineLoadError(
                 f"DECODE_MATMUL=onednn needs a float32 model on a CPU with a oneDNN-enabled PyTorch; this one is "

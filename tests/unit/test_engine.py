@@ -285,3 +285,18 @@ def test_static_cache_attention_reads_only_the_filled_positions(engine, monkeypa
     assert seen[0] == (prompt_length, prompt_length + MAX_NEW_TOKENS)
     assert [length for length, _ in seen] == list(range(prompt_length, prompt_length + len(seen)))
     assert len(seen) > 1
+
+
+def test_torch_compile_gives_the_same_text(engine, tiny_model):
+    """TORCH_COMPILE=true (torch.compile of the forward; on a CPU without the oneDNN routing) changes speed only."""
+    compiled = load_engine(tiny_model, torch_compile=True)
+    from consumer.engine.onednn import FewRowsLinear
+
+    assert not any(isinstance(m, FewRowsLinear) for m in compiled.model.modules())
+    requests = mixed_requests(2)  # two images of two sizes: a padded batch
+    assert texts(compiled, requests) == texts(engine, requests)
+
+
+def test_onednn_and_torch_compile_together_are_refused(tiny_model):
+    with pytest.raises(EngineLoadError, match="DECODE_MATMUL=onednn cannot be combined with TORCH_COMPILE"):
+        load_engine(tiny_model, device="cpu", torch_compile=True, decode_matmul="onednn")

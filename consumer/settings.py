@@ -52,8 +52,8 @@ class Settings(BaseSettings):
     """Images are downscaled to at most this many pixels: 1,048,576 = at most 1024 visual tokens."""
     torch_compile: bool = False
     kv_cache: Literal["auto", "static", "dynamic"] = "auto"
-    """KV cache during generation: static (preallocated, updated in place) or dynamic (grown by
-    concatenation every step). auto: static on cpu, where copying a growing cache each step cost more
+    """KV cache during generation: static (preallocated, updated in place, attention reading only the
+    filled part: consumer/engine/kv_cache.py) or dynamic (grown by concatenation every step). auto: static on cpu, where copying a growing cache each step cost more
     than the attention itself (bench/engine_cpu.py); dynamic elsewhere until measured on a GPU."""
     decode_matmul: Literal["auto", "onednn", "default"] = "auto"
     """How float32 CPU linear layers multiply few rows (a decode step: one row per image): onednn

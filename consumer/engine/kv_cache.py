@@ -19,14 +19,24 @@ from transformers.cache_utils import StaticLayer
 class FilledStaticLayer(StaticLayer):
     """A StaticLayer whose keys and values, as attention sees them, end at the last filled position."""
 
+    def __init__(self, max_cache_len: int, **kwargs) -> None:
+        super().__init__(max_cache_len=max_cache_len, **kwargs)
+        # The count StaticLayer keeps in `cumulative_length`, on the host: reading that tensor back
+        # from a GPU at every layer and step would stall the stream.
+        self.filled = 0
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         keys, values = super().update(key_states, value_states, *args, **kwargs)
-        filled = int(self.cumulative_length)
-        return keys[:, :, :filled], values[:, :, :filled]
+        self.filled += key_states.shape[-2]
+        return keys[:, :, : self.filled], values[:, :, : self.filled]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         # Called before `update` adds the query's positions: the mask covers what attention will see.
-        return int(self.get_seq_length()) + query_length, 0
+        return self.filled + query_length, 0
+
+    def reset(self) -> None:
+        super().reset()
+        self.filled = 0
 
 
 class FilledStaticCache(StaticCache):

@@ -328,9 +328,15 @@ class QwenVLEngine:
         return "static" if self.info.device == "cpu" else "dynamic"
 
     def _cache_kwargs(self, max_length: int) -> dict:
-        """generate's cache arguments: a FilledStaticCache (consumer/engine/kv_cache.py) or the dynamic default."""
+        """generate's cache arguments: a FilledStaticCache (consumer/engine/kv_cache.py) or the dynamic default.
+
+        With TORCH_COMPILE a static cache is transformers' own: fixed shapes are what a compiled graph
+        wants, and attention over a prefix that grows every step would recompile it.
+        """
         if self.kv_cache_implementation() == "dynamic":
             return {"cache_implementation": "dynamic"}
+        if self.settings.torch_compile:
+            return {"cache_implementation": "static"}
         text_config = self.model.config.get_text_config(decoder=True)
         return {"cache": FilledStaticCache(config=text_config, max_cache_len=max_length)}
 

@@ -2,6 +2,7 @@
 
     python -m bench.engine_gpu            # on a CUDA machine: under 8 minutes on an H200
     python -m bench.engine_gpu --quick    # a tiny config on the CPU: checks the script runs
+    python -m bench.engine_gpu --kv-cache static --batches 8,32   # KV_CACHE=static against the default
 
 The FULL Qwen3-VL-2B architecture (consumer.engine.tiny.REAL_2B, real vocabulary size) with random
 weights in bfloat16, built on the GPU (no checkpoint, no hub), SDPA attention (flash-attention 2
@@ -75,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=390.0, help="seconds after which no new batch size starts")
     parser.add_argument("--tflops", type=float, default=H200["bf16_tflops"], help="peak dense bf16 TFLOP/s")
     parser.add_argument("--tb-s", type=float, default=H200["hbm_tb_s"], help="memory bandwidth, TB/s")
+    parser.add_argument("--kv-cache", choices=["auto", "static", "dynamic"], default="auto",
+                        help="the engine's KV_CACHE (auto is dynamic on CUDA; static is unmeasured there)")
     args = parser.parse_args(argv)
     wall = time.perf_counter()
     cuda = torch.cuda.is_available()
@@ -95,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
 
     processor, token_ids = bench_processor()
     settings = Settings.from_environ(
-        {}, base_model_id="random-weights", device=device, torch_dtype="bfloat16", max_new_tokens=new_tokens
+        {}, base_model_id="random-weights", device=device, torch_dtype="bfloat16", max_new_tokens=new_tokens,
+        kv_cache=args.kv_cache,
     )
     engine = QwenVLEngine(settings)
     model = random_model(arch, dtype, token_ids, lora="merged", device=device,
@@ -147,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     flops = flops_per_image(arch, visual, text, new_tokens)
     title = (f"Qwen3-VL {'(quick: tiny config, CPU)' if args.quick else '2B architecture'}, random weights, "
              f"bfloat16, {image_size[0]}x{image_size[1]} images ({visual} visual + {text} text tokens), "
-             f"{new_tokens} new tokens per image, {machine_description()['cuda'] or 'cpu'}")
+             f"{new_tokens} new tokens per image, {engine.kv_cache_implementation()} KV cache, "
+             f"{machine_description()['cuda'] or 'cpu'}")
     print("\n" + title)
     print(format_table(headers, rows))
     print(f"- floor: roofline at {gpu['bf16_tflops']:.0f} TFLOP/s bf16 and {gpu['hbm_tb_s']} TB/s "
@@ -158,11 +163,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         print("- QUICK: tiny config on the CPU against H200 floors: checks the script, means nothing")
     best = max(results, key=lambda r: r["images_per_s"]) if results else None
-    path = write_json("engine-gpu-quick.json" if args.quick else "engine-gpu.json", {
-        "command": "python -m bench.engine_gpu" + (" --quick" if args.quick else ""),
+    stem = "engine-gpu" + ("" if args.kv_cache == "auto" else f"-{args.kv_cache}") + ("-quick" if args.quick else "")
+    path = write_json(f"{stem}.json", {
+        "command": "python -m bench.engine_gpu" + (" --quick" if args.quick else "")
+                   + ("" if args.kv_cache == "auto" else f" --kv-cache {args.kv_cache}")
+                   + ("" if args.batches == parser.get_default("batches") else f" --batches {args.batches}"),
         "quick": args.quick, "machine": machine_description(), "title": title, "gpu_peaks": gpu,
         "issue_reference": ISSUE_REFERENCE, "image_size": image_size, "visual_tokens": visual, "text_tokens": text,
-        "new_tokens": new_tokens, "attention": model.config._attn_implementation, "results": results,
+        "new_tokens": new_tokens, "attention": model.config._attn_implementation,
+        "kv_cache": engine.kv_cache_implementation(), "results": results,
         "best": best, "bench_seconds": time.perf_counter() - wall,
     })
     print(f"written to {path}; total {time.perf_counter() - wall:.0f} s")

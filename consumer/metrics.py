@@ -11,7 +11,7 @@ import logging
 from importlib import metadata
 from typing import TYPE_CHECKING, Any, Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
 
 if TYPE_CHECKING:
     from consumer.engine.base import EngineInfo
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # Seconds-long inference needs buckets well past prometheus_client's default 10 s ceiling.
-STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 2400)
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128, 256)
 OUTCOMES = ("ok", "dead_lettered", "retried")
 STAGES = ("fetch", "decode", "preprocess", "generate", "publish", "end_to_end")
@@ -87,6 +87,8 @@ class Metrics:
             "diagram_infer_requests", "POST /infer requests, by HTTP status code", ["code"], registry=r
         )
         self.build = Info("diagram_consumer", "Version, model, adapter and device of this replica", registry=r)
+        # process_start_time_seconds (alerts that need a replica's age), resident memory, CPU seconds.
+        ProcessCollector(registry=r)
         # Series that exist from the start read 0 instead of missing, so rate() and alerts see them.
         for outcome in OUTCOMES:
             self.events.labels(outcome)

@@ -233,6 +233,9 @@ def test_prometheus_scrapes_processed_events(observed, prometheus):
     assert all(float(sample["value"][1]) == 0 for sample in lag)  # everything processed and committed
     info = prometheus.query("diagram_consumer_info")[0]["metric"]
     assert info["device"] == "cpu" and info["adapter"].endswith("adapter") and info["model"]
+    # The NoProgress alert reads the replica's age from the process collector.
+    [age] = prometheus.query('time() - process_start_time_seconds{job="diagram-consumer"}')
+    assert 0 < float(age["value"][1]) < 600
 
 
 def test_every_stage_histogram_has_observations(observed):

@@ -148,6 +148,50 @@ def producer_config(settings: Settings) -> dict:
     return config
 
 
+# Room left under a topic's max.message.bytes for the record batch's own framing (61 bytes of
+# header, up to about 20 bytes and the headers per record).
+TOPIC_LIMIT_MARGIN = 1024
+LIBRDKAFKA_BATCH_SIZE = 1_000_000
+"""librdkafka's default batch.size."""
+
+
+def fit_to_topic_limits(config: dict, topics: list[str], timeout: float = 10.0) -> dict:
+    """`config` with the producer's batch.size lowered under what every one of `topics` accepts.
+
+    The broker refuses a whole record batch when it exceeds the topic's max.message.bytes, so one
+    oversized result would take the small results batched with it down too. librdkafka never adds a
+    record to a batch past batch.size, so with batch.size under the limit a batch of several records
+    always fits, and an oversized record travels alone: the broker refuses it and nothing else, and
+    its fallback (a dead letter) settles its input. The topics' configs are read once, here; where
+    they cannot be read (broker down, no DescribeConfigs permission, topic not created yet) `config`
+    is returned as it is.
+    """
+    from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType
+
+    # Connection and security settings only: an admin client with the idempotence or transactional.id
+    # of the producer would register as a producer with the broker.
+    not_for_admin = {"error_cb", "enable.idempotence", "transactional.id", "acks", "linger.ms", "compression.type"}
+    admin = AdminClient({key: value for key, value in config.items() if key not in not_for_admin})
+    futures = admin.describe_configs([ConfigResource(ResourceType.TOPIC, topic) for topic in topics],
+                                     request_timeout=timeout)
+    limits: dict[str, int] = {}
+    for resource, future in futures.items():
+        topic = resource.name
+        try:
+            limits[topic] = int(future.result(timeout)["max.message.bytes"].value)
+        except Exception as exc:  # noqa: BLE001 - any failure leaves the producer's batch.size as it is
+            logger.warning("cannot read max.message.bytes of %s (%s): if it is under batch.size, one record the "
+                           "broker refuses as too large takes the records batched with it down too", topic, exc)
+    if not limits:
+        return config
+    batch_size = max(1, min(limits.values()) - TOPIC_LIMIT_MARGIN)
+    if batch_size >= int(config.get("batch.size", LIBRDKAFKA_BATCH_SIZE)):
+        return config
+    logger.info("topics accept record batches up to %s bytes (max.message.bytes): producer batch.size=%d",
+                ", ".join(f"{topic} {limit}" for topic, limit in limits.items()), batch_size)
+    return {**config, "batch.size": batch_size}
+
+
 def make_delivery(
     settings: Settings,
     producer: Producer,

@@ -24,7 +24,7 @@ from typing import Callable
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from consumer.delivery import Delivery, OutgoingRecord, make_delivery, producer_config
+from consumer.delivery import Delivery, OutgoingRecord, fit_to_topic_limits, make_delivery, producer_config
 from consumer.engine.base import Engine, Generation, GenerationRequest
 from consumer.errors import FetchError, InferError, ProcessingError, PublishError
 from consumer.events import DiagramEvent, DiagramResult, ResultMetadata, Source, event_id_hint, parse_event
@@ -149,6 +149,9 @@ class Pipeline:
 
     def run(self) -> int:
         """Consume until stopped. Returns the exit status (EXIT_CLEAN after a clean shutdown)."""
+        self._producer_config = fit_to_topic_limits(
+            self._producer_config, [self.settings.output_topic, self.settings.dlq_topic]
+        )
         self.producer = self._producer_factory(self._producer_config)
         self.consumer = self._consumer_factory(self._consumer_config)
         self.delivery = make_delivery(

@@ -300,6 +300,45 @@ def test_poison_event_does_not_stop_its_partition(kafka_bootstrap, topics, servi
     assert runner.wait(60) == 0, runner.log()
 
 
+# -- a result the broker refuses as too large takes no neighbour down --------------------------------
+def limit_message_bytes(bootstrap: str, topic: str, limit: int) -> None:
+    from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource, ResourceType
+
+    entry = ConfigEntry("max.message.bytes", str(limit), incremental_operation=AlterConfigOpType.SET)
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for future in admin.incremental_alter_configs([ConfigResource(ResourceType.TOPIC, topic,
+                                                                  incremental_configs=[entry])]).values():
+        future.result(30)
+
+
+def test_an_oversized_result_is_dead_lettered_alone_and_its_batch_is_published(
+    kafka_bootstrap, echo_service, request
+):
+    """One generate call, seven results; the broker refuses the one over the output topic's limit."""
+    topics = create_test_topics(kafka_bootstrap, request.node.name, partitions=1)
+    limit_message_bytes(kafka_bootstrap, topics.output, 3000)
+    ids = [f"fits-{index}" for index in range(3)] + ["too-big"] + [f"fits-{index}" for index in range(3, 6)]
+    records = [event(event_id) for event_id in ids]
+    big = json.loads(records[3][1])
+    big["metadata"] = {"blob": base64.b64encode(random.randbytes(6000)).decode()}  # copied into the result
+    records[3] = ("too-big", json.dumps(big))
+    produce(kafka_bootstrap, topics.input, records)
+    runner = echo_service(kafka_bootstrap, topics, BATCH_SIZE="8", BATCH_MAX_WAIT_MS="2000").start()
+
+    settled, committed, ends = committed_equals_end(kafka_bootstrap, topics.group, topics.input, timeout=60)
+    assert settled, f"committed {committed} != end offsets {ends}\n{runner.log()}"
+    runner.signal()
+    assert runner.wait(30) == 0, runner.log()
+    results = read_to_end(kafka_bootstrap, topics.output)
+    assert ids_in(results) == Counter(event_id for event_id in ids if event_id != "too-big"), runner.log()
+    assert {json.loads(r.value())["metadata"]["batch_size"] for r in results} == {7}  # all in one batch
+    dead = read_to_end(kafka_bootstrap, topics.dlq)
+    assert [message.key().decode() for message in dead] == ["too-big"]
+    headers = {key: value.decode() for key, value in dead[0].headers()}
+    assert (headers["error.stage"], headers["error.reason"]) == ("publish", "too_large")
+    assert "producer batch.size=1976" in runner.full_log()
+
+
 # -- exactly-once: a result the broker refuses as too large --------------------------------------------
 def test_exactly_once_result_over_the_topic_limit_is_dead_lettered_not_retried_forever(
     kafka_bootstrap, echo_service, request

@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
+from consumer.logs import kafka_client_logger
 from consumer.metrics import Metrics
 from consumer.offsets import OffsetTracker, TopicPartitionKey
 from consumer.settings import Settings
@@ -171,7 +172,8 @@ def fit_to_topic_limits(config: dict, topics: list[str], timeout: float = 10.0) 
     # Connection and security settings only: an admin client with the idempotence or transactional.id
     # of the producer would register as a producer with the broker.
     not_for_admin = {"error_cb", "enable.idempotence", "transactional.id", "acks", "linger.ms", "compression.type"}
-    admin = AdminClient({key: value for key, value in config.items() if key not in not_for_admin})
+    admin = AdminClient({**{key: value for key, value in config.items() if key not in not_for_admin},
+                         "logger": kafka_client_logger("librdkafka.admin")})
     futures = admin.describe_configs([ConfigResource(ResourceType.TOPIC, topic) for topic in topics],
                                      request_timeout=timeout)
     limits: dict[str, int] = {}

@@ -75,7 +75,7 @@ PARTITIONS = 6
 DISTINCT_IMAGES = 8
 COMMIT_INTERVAL_S = 0.5  # the service's (consumer.pipeline.COMMIT_INTERVAL_S)
 STAGE_METRIC = "diagram_stage_duration_seconds"
-STAGE_ORDER = ["fetch", "decode", "preprocess", "generate", "publish"]
+STAGE_ORDER = ["fetch", "decode", "prepare", "preprocess", "generate", "publish"]
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 2400)
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128, 256)
 OUTCOMES = ("ok", "dead_lettered", "retried")
-STAGES = ("fetch", "decode", "preprocess", "generate", "publish", "end_to_end")
+STAGES = ("fetch", "decode", "prepare", "preprocess", "generate", "publish", "end_to_end")
 
 
 def package_version() -> str:
@@ -46,7 +46,8 @@ class Metrics:
         )
         self.stage_seconds = Histogram(
             "diagram_stage_duration_seconds",
-            "Time per pipeline stage: fetch, decode, preprocess and generate (per batch), publish (produce to "
+            "Time per pipeline stage: fetch, decode, prepare (the engine's per-image resize and patchify, on the "
+            "fetch threads), preprocess and generate (per batch), publish (produce to "
             "broker acknowledgement), end_to_end (Kafka timestamp of the event to its acknowledged result)",
             ["stage"],
             buckets=STAGE_BUCKETS,

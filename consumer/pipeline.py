@@ -253,7 +253,10 @@ class Pipeline:
                 self.metrics.stage_seconds.labels("fetch").observe(loaded.fetch_seconds)
                 self.metrics.stage_seconds.labels("decode").observe(loaded.decode_seconds)
                 # Image preprocessing here, in parallel, keeps it off the single model thread.
-                return replace(loaded, prepared=self.engine.prepare_image(loaded.image))
+                started = time.perf_counter()
+                prepared = self.engine.prepare_image(loaded.image)
+                self.metrics.stage_seconds.labels("prepare").observe(time.perf_counter() - started)
+                return replace(loaded, prepared=prepared)
             except FetchError as error:
                 error.attempts = attempt
                 if not error.retryable or attempt == FETCH_ATTEMPTS:

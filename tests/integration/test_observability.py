@@ -245,7 +245,7 @@ def test_every_stage_histogram_has_observations(observed):
         if line.startswith("diagram_stage_duration_seconds_count"):
             stage = line.split('stage="')[1].split('"')[0]
             counts[stage] = float(line.rsplit(" ", 1)[1])
-    assert set(counts) == {"fetch", "decode", "preprocess", "generate", "publish", "end_to_end"}
+    assert set(counts) == {"fetch", "decode", "prepare", "preprocess", "generate", "publish", "end_to_end"}
     assert all(count > 0 for count in counts.values()), counts
 
 

@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from consumer.local_kafka import create_topics, free_port
 
@@ -124,9 +124,16 @@ def committed_equals_end(bootstrap: str, group: str, topic: str, timeout: float 
         partitions = probe.list_topics(topic, timeout=10).topics[topic].partitions
         tps = [TopicPartition(topic, p) for p in partitions]
         deadline = time.monotonic() + timeout
+        committed: dict = {}
         while True:
             ends = {tp.partition: probe.get_watermark_offsets(tp, timeout=10)[1] for tp in tps}
-            committed = {tp.partition: max(tp.offset, 0) for tp in probe.committed(tps, timeout=10)}
+            try:
+                committed = {tp.partition: max(tp.offset, 0) for tp in probe.committed(tps, timeout=10)}
+            except KafkaException as exc:
+                # Offsets sent in a transaction that is still open cannot be read until it ends
+                # (the broker answers UNSTABLE_OFFSET_COMMIT and librdkafka waits): ask again.
+                if exc.args[0].code() != KafkaError._TIMED_OUT:
+                    raise
             if committed == ends or time.monotonic() > deadline:
                 return committed == ends, committed, ends
             time.sleep(0.5)

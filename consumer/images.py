@@ -38,7 +38,7 @@ import ssl
 import stat
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import quote, urljoin, urlsplit
@@ -73,16 +73,27 @@ _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 @dataclass(frozen=True)
 class LoadedImage:
-    image: Image.Image
+    image: Image.Image | None
+    """The decoded image; None once `prepared` holds all the engine needs (see `with_prepared`)."""
     source_bytes: int
     fetch_seconds: float = 0.0
     decode_seconds: float = 0.0
     prepared: object | None = None
     """The engine's `prepare_image` output, filled in on the fetch thread (see engine/base.py)."""
+    decoded_size: tuple[int, int] | None = None
+    """The decoded image's (width, height), kept when the image itself is let go."""
 
     @property
     def size(self) -> tuple[int, int]:
-        return self.image.size
+        return self.decoded_size or self.image.size
+
+    def with_prepared(self, prepared: object | None) -> LoadedImage:
+        """This image with the engine's preprocessing. Once that exists the decoded pixels are let go:
+        an event can wait a whole CPU batch for its turn, and MAX_IN_FLIGHT images at
+        IMAGE_MAX_DECODED_PIXELS would hold gigabytes (120 MB each at 40 Mpx RGB)."""
+        if prepared is None:
+            return self
+        return replace(self, image=None, prepared=prepared, decoded_size=self.size)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import signal
 import threading
 import time
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
@@ -256,7 +256,7 @@ class Pipeline:
                 started = time.perf_counter()
                 prepared = self.engine.prepare_image(loaded.image)
                 self.metrics.stage_seconds.labels("prepare").observe(time.perf_counter() - started)
-                return replace(loaded, prepared=prepared)
+                return loaded.with_prepared(prepared)
             except FetchError as error:
                 error.attempts = attempt
                 if not error.retryable or attempt == FETCH_ATTEMPTS:

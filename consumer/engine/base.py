@@ -21,7 +21,8 @@ class GenerationRequest:
     when it is None. Either way the output is the same.
     """
 
-    image: Image.Image
+    image: Image.Image | None
+    """None only when `prepared` is set (the pipeline lets decoded pixels go once prepared)."""
     prompt: str
     prepared: object | None = None
 

@@ -489,3 +489,13 @@ def test_path_reading_raises_only_fetch_errors(property_root, reference):
     except FetchError:
         return
     assert data == GOOD_PNG
+
+
+def test_a_prepared_image_lets_its_pixels_go_and_keeps_its_size():
+    """Events wait for a batch with the engine's features only, not the decoded image as well."""
+    loaded = resolver().resolve(ImageRef(base64=base64.b64encode(GOOD_PNG).decode()))
+    width_height = loaded.image.size
+    assert loaded.with_prepared(None) is loaded  # nothing prepared (echo engine, or it failed): keep it
+    prepared = loaded.with_prepared(features := object())
+    assert prepared.image is None and prepared.prepared is features
+    assert prepared.size == width_height and prepared.source_bytes == loaded.source_bytes

@@ -90,7 +90,7 @@ class LoadedImage:
     def with_prepared(self, prepared: object | None) -> LoadedImage:
         """This image with the engine's preprocessing. Once that exists the decoded pixels are let go:
         an event can wait a whole CPU batch for its turn, and MAX_IN_FLIGHT images at
-        IMAGE_MAX_DECODED_PIXELS would hold gigabytes (120 MB each at 40 Mpx RGB)."""
+        IMAGE_MAX_DECODED_PIXELS would hold gigabytes (40 Mpx of RGB is 120 MB)."""
         if prepared is None:
             return self
         return replace(self, image=None, prepared=prepared, decoded_size=self.size)

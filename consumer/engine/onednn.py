@@ -15,11 +15,7 @@ by tests/unit/test_engine.py on the generated text).
 
 from __future__ import annotations
 
-import logging
-
 import torch
-
-logger = logging.getLogger(__name__)
 
 ROWS_LIMIT = 128
 """Calls with at most this many rows go to oneDNN. On the benchmark CPU (`python -m bench.cpu_kernels`)

@@ -135,23 +135,28 @@ class QwenVLEngine:
     def _route_decode_matmuls(self, model) -> None:
         """DECODE_MATMUL: few-row float32 matmuls on oneDNN on CPUs (consumer/engine/onednn.py)."""
         mode = self.settings.decode_matmul
-        on_cpu_float32 = model.device.type == "cpu" and model.dtype == torch.float32
-        # torch.compile's CPU backend cannot lower these calls (it wants the weight as a graph constant)
-        # and picks its own kernels, oneDNN included.
-        compiled = self.settings.torch_compile
-        if mode == "default" or (mode == "auto" and not (on_cpu_float32 and onednn.available() and not compiled)):
+        if mode == "default":
             return
-        if compiled:
-            raise EngineLoadError("DECODE_MATMUL=onednn cannot be combined with TORCH_COMPILE: torch.compile picks "
-                                  "its own CPU kernels; leave DECODE_MATMUL=auto")
-        if not on_cpu_float32 or not onednn.available():
-            raise EngineLoadError(
-                f"DECODE_MATMUL=onednn needs a float32 model on a CPU with a oneDNN-enabled PyTorch; this one is "
-                f"{dtype_name(model.dtype)} on {model.device.type} (oneDNN available: {onednn.available()})"
-            )
+        unusable = self._onednn_unusable(model)
+        if unusable:
+            if mode == "onednn":
+                raise EngineLoadError(unusable)
+            return  # auto: PyTorch's own kernels
         converted = onednn.route_few_rows_to_onednn(model)
         logger.info("DECODE_MATMUL=%s: %d linear layers run calls of up to %d rows on oneDNN",
                     mode, converted, onednn.ROWS_LIMIT)
+
+    def _onednn_unusable(self, model) -> str | None:
+        """Why DECODE_MATMUL=onednn cannot apply to `model`, or None where it can."""
+        if self.settings.torch_compile:
+            # torch.compile's CPU backend cannot lower these calls (it wants the weight as a graph
+            # constant) and picks its own kernels, oneDNN included.
+            return ("DECODE_MATMUL=onednn cannot be combined with TORCH_COMPILE: torch.compile picks its own CPU "
+                    "kernels; leave DECODE_MATMUL=auto")
+        if model.device.type != "cpu" or model.dtype != torch.float32 or not onednn.available():
+            return (f"DECODE_MATMUL=onednn needs a float32 model on a CPU with a oneDNN-enabled PyTorch; this one is "
+                    f"{dtype_name(model.dtype)} on {model.device.type} (oneDNN available: {onednn.available()})")
+        return None
 
     def _attention_implementation(self, device: str) -> str:
         if device == "cuda":

@@ -131,7 +131,7 @@ def grown_cache(cache, batch: int, extra: int, static: bool = False, room: int =
             # A static cache copies these rows into its own buffers: a broadcast view avoids holding
             # the batch's cache twice (at batch 32 that is 9 GB).
             rows = tensor.expand(batch, *tensor.shape[1:]) if static else tensor.repeat_interleave(batch, dim=0)
-            setattr(layer, name, rows if static else rows.contiguous())
+            setattr(layer, name, rows)
     if not static:
         return grown
     length = grown.get_seq_length()

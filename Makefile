@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-unit bench-tiny bench-pipeline schemas clean prometheus-tools deploy-tools
+.PHONY: setup demo test test-flavours test-unit bench-tiny bench-pipeline schemas clean prometheus-tools deploy-tools
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -58,6 +58,11 @@ deploy-tools: $(TOOLS)/bin/.kustomize-$(KUSTOMIZE_VERSION) $(TOOLS)/keda/.$(KEDA
 
 test: setup prometheus-tools deploy-tools
 	$(PY) -m pytest
+
+# The suite again as each CPU flavour below this machine's would run it (devtools/flavours.py): run it
+# before a change lands, since CI runs on whichever flavour it gets.
+test-flavours: setup prometheus-tools deploy-tools
+	$(PY) -m devtools.flavours
 
 test-unit: setup prometheus-tools
 	$(PY) -m pytest tests/unit

@@ -14,6 +14,14 @@ import pytest
 from tests.support import ServiceRunner, create_test_topics
 
 
+def pytest_report_header() -> str:
+    from consumer.engine.device import cpu_flavour, dtype_name, resolve_dtype
+
+    capped = {name: os.environ[name] for name in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY") if name in os.environ}
+    return (f"cpu flavour: {cpu_flavour()} (TORCH_DTYPE=auto: {dtype_name(resolve_dtype('auto', 'cpu'))})"
+            + (f", imitated with {capped}" if capped else ""))
+
+
 def _docker_kafka():
     try:
         import docker

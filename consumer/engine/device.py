@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -31,32 +33,69 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
-def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """True where the CPU multiplies bfloat16 in hardware (AMX or AVX512-BF16).
+CpuFlavour = Literal["avx2", "avx512-bf16", "amx"]
+"""What a CPU offers the model: bfloat16 in AMX tiles, bfloat16 dot products in AVX-512 (AVX512-BF16), or
+neither ("avx2": bfloat16 and float16 are emulated, slower than float32)."""
+
+# oneDNN's instruction-set names in rising order (ONEDNN_MAX_CPU_ISA); names on one line are aliases.
+_ONEDNN_ISAS = (
+    ("SSE41",), ("AVX",), ("AVX2",), ("AVX2_VNNI",), ("AVX2_VNNI_2",), ("AVX512_CORE",), ("AVX512_CORE_VNNI",),
+    ("AVX512_CORE_BF16",), ("AVX10_1_512", "AVX512_CORE_FP16"), ("AVX10_1_512_AMX", "AVX512_CORE_AMX"),
+    ("AVX10_1_512_AMX_FP16", "AVX512_CORE_AMX_FP16"), ("AVX10_2_512",), ("AVX10_2_512_AMX_2",),
+)
+_ISA_RANK = {name: rank for rank, names in enumerate(_ONEDNN_ISAS) for name in names}
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    """The CPU's feature flags as the kernel lists them; empty where there is no /proc/cpuinfo."""
+    try:
+        line = next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return set()
+    return set(line.partition(":")[2].split())
+
+
+def cpu_flavour(flags: set[str] | None = None, max_isa: str | None = None) -> CpuFlavour:
+    """Which flavour this CPU is for the model: its flags, capped by oneDNN's ONEDNN_MAX_CPU_ISA.
+
+    oneDNN runs PyTorch's bfloat16 matmuls on CPUs; with ONEDNN_MAX_CPU_ISA below AVX512_CORE_BF16 it
+    may not use the bfloat16 instructions the CPU has, and bfloat16 is emulated as on an AVX2 CPU. So
+    the cap counts (`make test-flavours` uses it to run the suite as another flavour would).
+    """
+    flags = cpu_flags() if flags is None else flags
+    if max_isa is None:
+        max_isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "")
+    cap = _ISA_RANK.get(max_isa.strip().upper(), len(_ONEDNN_ISAS))  # DEFAULT, ALL or unset: no cap
+    if "amx_bf16" in flags and cap >= _ISA_RANK["AVX512_CORE_AMX"]:
+        return "amx"
+    if "avx512_bf16" in flags and cap >= _ISA_RANK["AVX512_CORE_BF16"]:
+        return "avx512-bf16"
+    return "avx2"
+
+
+def cpu_has_native_bf16(flavour: CpuFlavour | None = None) -> bool:
+    """True where the CPU multiplies bfloat16 in hardware (AMX or AVX512-BF16, and oneDNN may use it).
 
     Without it PyTorch emulates bfloat16 matmuls and they run slower than float32 (bench/engine_cpu.py).
     """
-    try:
-        flags = next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return False
-    return any(flag in flags.split() for flag in ("amx_bf16", "avx512_bf16"))
+    return (flavour or cpu_flavour()) != "avx2"
 
 
-def resolve_dtype(requested: str, device: str) -> torch.dtype:
+def resolve_dtype(requested: str, device: str, flavour: CpuFlavour | None = None) -> torch.dtype:
     """TORCH_DTYPE=auto: the fastest dtype that computes correctly on `device`.
 
     cuda: bfloat16 where the GPU supports it, else float16. mps: float16. cpu: bfloat16 on CPUs with
     native bf16 matrix units, else float32 (float16 on a CPU is emulated and several times slower:
     the old service's default). An explicit value is honoured, with a warning where it is known to
     be slow; bfloat16 on a device that cannot run it is refused with a ValueError saying what to use.
+    `flavour` is this CPU's (`cpu_flavour()`) unless given.
     """
     if requested == "auto":
         if device == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         if device == "mps":
             return torch.float16
-        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+        return torch.bfloat16 if cpu_has_native_bf16(flavour) else torch.float32
     dtype = DTYPES[requested]
     if device == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
         raise ValueError("TORCH_DTYPE=bfloat16: this GPU has no bfloat16 support; use float16 or auto")
@@ -64,7 +103,7 @@ def resolve_dtype(requested: str, device: str) -> torch.dtype:
         raise ValueError("TORCH_DTYPE=bfloat16 needs macOS 14 or newer on mps; use float16 or auto")
     if device == "cpu" and dtype == torch.float16:
         logger.warning("TORCH_DTYPE=float16 on cpu is emulated and slow; TORCH_DTYPE=auto picks the fast one")
-    if device == "cpu" and dtype == torch.bfloat16 and not cpu_has_native_bf16():
+    if device == "cpu" and dtype == torch.bfloat16 and not cpu_has_native_bf16(flavour):
         logger.warning("TORCH_DTYPE=bfloat16 on a cpu without native bf16 is emulated and slower than float32")
     return dtype
 

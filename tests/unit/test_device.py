@@ -8,10 +8,13 @@ import pytest
 import torch
 
 from consumer.engine import device as device_module
-from consumer.engine.device import cpu_has_native_bf16, resolve_device, resolve_dtype
+from consumer.engine.device import cpu_flags, cpu_flavour, cpu_has_native_bf16, resolve_device, resolve_dtype
 
-AMX_FLAGS = "flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8\n"
+# The flags lines of the three CPU flavours this project runs on (trimmed /proc/cpuinfo).
 AVX2_FLAGS = "flags\t\t: fpu sse2 fma avx avx2 f16c\n"
+AVX512_BF16_FLAGS = "flags\t\t: fpu sse2 fma avx avx2 avx512f avx512bw avx512vl avx512_bf16\n"
+AMX_FLAGS = "flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8\n"
+FLAVOURS = {"avx2": AVX2_FLAGS, "avx512-bf16": AVX512_BF16_FLAGS, "amx": AMX_FLAGS}
 
 
 @pytest.fixture
@@ -22,7 +25,7 @@ def machine(monkeypatch):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16_gpu)
         monkeypatch.setattr(device_module, "_mps_available", lambda: mps)
-        monkeypatch.setattr(device_module, "cpu_has_native_bf16", lambda: bf16_cpu)
+        monkeypatch.setattr(device_module, "cpu_flavour", lambda: "amx" if bf16_cpu else "avx2")
 
     return configure
 
@@ -53,13 +56,46 @@ def test_missing_device_falls_back_to_cpu_with_a_warning(machine, caplog):
     assert resolve_device("cpu") == "cpu"
 
 
-def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
-    amx, avx2 = tmp_path / "amx", tmp_path / "avx2"
-    amx.write_text("processor\t: 0\n" + AMX_FLAGS)
-    avx2.write_text("processor\t: 0\n" + AVX2_FLAGS)
-    assert cpu_has_native_bf16(amx) is True
-    assert cpu_has_native_bf16(avx2) is False
-    assert cpu_has_native_bf16(tmp_path / "no-such-file") is False
+def flags_of(tmp_path, flavour: str) -> set[str]:
+    cpuinfo = tmp_path / flavour
+    cpuinfo.write_text("processor\t: 0\n" + FLAVOURS[flavour] + "processor\t: 1\n" + FLAVOURS[flavour])
+    return cpu_flags(cpuinfo)
+
+
+@pytest.mark.parametrize("flavour", sorted(FLAVOURS))
+def test_the_flavour_is_read_from_the_cpu_flags(tmp_path, flavour):
+    assert cpu_flavour(flags_of(tmp_path, flavour), max_isa="") == flavour
+    assert cpu_has_native_bf16(flavour) is (flavour != "avx2")
+
+
+def test_no_cpuinfo_is_a_cpu_without_native_bf16(tmp_path):
+    assert cpu_flags(tmp_path / "no-such-file") == set()
+    assert cpu_flavour(set(), max_isa="") == "avx2"
+
+
+@pytest.mark.parametrize(
+    "flavour, max_isa, seen_as",
+    [
+        ("amx", "AVX512_CORE_AMX", "amx"),
+        ("amx", "avx10_1_512_amx", "amx"),  # oneDNN's newer name for the same level, any case
+        ("amx", "DEFAULT", "amx"),
+        ("amx", "AVX512_CORE_BF16", "avx512-bf16"),
+        ("amx", "AVX2", "avx2"),
+        ("avx512-bf16", "AVX512_CORE_AMX", "avx512-bf16"),  # a cap above the CPU changes nothing
+        ("avx512-bf16", "AVX512_CORE_VNNI", "avx2"),
+        ("avx2", "ALL", "avx2"),
+    ],
+)
+def test_onednn_max_cpu_isa_caps_the_flavour(tmp_path, flavour, max_isa, seen_as):
+    """oneDNN runs bfloat16 matmuls: capped below the CPU's bfloat16 instructions, bfloat16 is emulated."""
+    assert cpu_flavour(flags_of(tmp_path, flavour), max_isa=max_isa) == seen_as
+
+
+@pytest.mark.parametrize("flavour, expected", [("avx2", torch.float32), ("avx512-bf16", torch.bfloat16),
+                                                ("amx", torch.bfloat16)])
+def test_auto_dtype_on_each_cpu_flavour(flavour, expected):
+    # bfloat16 only where the hardware multiplies it; emulated bf16 and fp16 are slower than fp32.
+    assert resolve_dtype("auto", "cpu", flavour=flavour) == expected
 
 
 def test_auto_dtype_per_device(machine):
@@ -68,16 +104,10 @@ def test_auto_dtype_per_device(machine):
     machine(cuda=True, bf16_gpu=False)
     assert resolve_dtype("auto", "cuda") == torch.float16
     assert resolve_dtype("auto", "mps") == torch.float16
-    # CPUs: bfloat16 only where the hardware multiplies it; emulated bf16 and fp16 are slower than fp32.
     machine(bf16_cpu=True)
     assert resolve_dtype("auto", "cpu") == torch.bfloat16
     machine(bf16_cpu=False)
     assert resolve_dtype("auto", "cpu") == torch.float32
-
-
-def test_auto_dtype_on_this_cpu_follows_its_flags():
-    expected = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-    assert resolve_dtype("auto", "cpu") == expected
 
 
 def test_explicit_dtype_is_honoured_with_a_warning_where_slow(machine, caplog):

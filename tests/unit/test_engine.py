@@ -25,7 +25,21 @@ PROMPTS = ["Describe the diagram.", "List every step of this diagram as a markdo
 MAX_NEW_TOKENS = 12
 
 
+DTYPES = ["float32", "bfloat16"]
+BF16_NOT_BATCH_INVARIANT = pytest.mark.xfail(
+    reason="issue 15: in bfloat16 a row's result still depends on what shares its batch (left padding, "
+    "kernels chosen by row count)",
+    strict=False,
+)
+
+
+def dtype_params(*xfail_bfloat16: pytest.MarkDecorator) -> list:
+    """float32 and bfloat16, bfloat16 carrying the given expected-failure marks."""
+    return ["float32", pytest.param("bfloat16", marks=list(xfail_bfloat16))]
+
+
 def load_engine(model_dir: Path, adapter_path: Path | None = None, **overrides) -> QwenVLEngine:
+    overrides = {"device": "cpu", "torch_dtype": "float32", **overrides}
     settings = Settings.from_environ(
         {},
         base_model_id=str(model_dir),
@@ -61,24 +75,36 @@ def adapter_copy(tiny_model: Path, destination: Path, rename=lambda key: key, ke
 
 @pytest.fixture(scope="module")
 def engine(tiny_model) -> QwenVLEngine:
+    """float32: the dtype whose guarantees every test below holds."""
     return load_engine(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def bf16_engine(tiny_model) -> QwenVLEngine:
+    return load_engine(tiny_model, torch_dtype="bfloat16")
+
+
+def engine_in(dtype: str, request: pytest.FixtureRequest) -> QwenVLEngine:
+    return request.getfixturevalue("engine" if dtype == "float32" else "bf16_engine")
 
 
 # Seeds whose random networks answer differently for most of the 12 requests (some seeds repeat
 # one token whatever the image, which would make the equality test prove little).
 @pytest.fixture(scope="module", params=[0, 3, 5], ids=lambda seed: f"seed{seed}")
-def seeded_engine(request, tiny_model, tmp_path_factory) -> QwenVLEngine:
+def seeded_model(request, tiny_model, tmp_path_factory) -> Path:
     if request.param == 0:
-        return load_engine(tiny_model)
+        return tiny_model
     directory = tmp_path_factory.mktemp(f"tiny-model-seed{request.param}")
     make_tiny_model(directory, seed=request.param)
-    return load_engine(directory)
+    return directory
 
 
 # -- batching ----------------------------------------------------------------------------------------
 
 
-def test_batched_greedy_output_equals_one_at_a_time(seeded_engine):
+@pytest.mark.parametrize("dtype", dtype_params(BF16_NOT_BATCH_INVARIANT))
+def test_batched_greedy_output_equals_one_at_a_time(seeded_model, dtype):
+    seeded_engine = load_engine(seeded_model, torch_dtype=dtype)
     requests = mixed_requests(12)
     alone = [seeded_engine.generate([request])[0] for request in requests]
     # The outputs must depend on the image and prompt, or equality below would prove nothing.
@@ -95,9 +121,11 @@ def test_batched_greedy_output_equals_one_at_a_time(seeded_engine):
     assert regrouped == [g.text for g in reversed(alone)]
 
 
+@pytest.mark.parametrize("dtype", dtype_params(BF16_NOT_BATCH_INVARIANT))
 @torch.inference_mode()
-def test_batched_next_token_scores_match_one_at_a_time(engine):
+def test_batched_next_token_scores_match_one_at_a_time(dtype, request):
     """Stronger than equal argmax: the whole next-token distribution is the same under left padding."""
+    engine = engine_in(dtype, request)
     requests = mixed_requests(6)
     batch = engine.collate(requests)
     batched_logits = engine.model(**batch).logits[:, -1]
@@ -106,7 +134,9 @@ def test_batched_next_token_scores_match_one_at_a_time(engine):
         torch.testing.assert_close(batched_logits[row : row + 1], alone_logits, atol=1e-4, rtol=1e-4)
 
 
-def test_images_prepared_ahead_give_the_same_output(engine):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_images_prepared_ahead_give_the_same_output(dtype, request):
+    engine = engine_in(dtype, request)
     requests = mixed_requests(6)
     expected = texts(engine, requests)
     # Half prepared (as the pipeline's fetch threads do), half not: one batch, same text.
@@ -149,8 +179,10 @@ def test_a_prompt_carrying_the_image_placeholder_is_refused(engine):
 # -- the adapter -------------------------------------------------------------------------------------
 
 
-def test_adapter_is_merged_and_changes_the_output(engine, tiny_model, tmp_path):
-    base = load_engine(tiny_model, adapter_path=tmp_path / "empty")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_adapter_is_merged_and_changes_the_output(dtype, request, tiny_model, tmp_path):
+    engine = engine_in(dtype, request)
+    base = load_engine(tiny_model, adapter_path=tmp_path / "empty", torch_dtype=dtype)
     assert base.info.adapter is None
     assert engine.info.adapter == str(tiny_model / "adapter")
     # Merged: no LoRA modules are left to cost time at every token.
@@ -206,12 +238,12 @@ def test_explicit_dtype_is_what_the_model_runs_in(tiny_model, dtype):
     assert generation.output_tokens > 0
 
 
-def test_auto_dtype_on_this_machine(engine):
-    from consumer.engine.device import cpu_has_native_bf16
+def test_auto_dtype_is_the_one_resolve_dtype_picks_here(tiny_model):
+    from consumer.engine.device import dtype_name, resolve_dtype
 
-    assert engine.info.device == "cpu" or torch.cuda.is_available()
-    if engine.info.device == "cpu":
-        assert engine.info.dtype == ("bfloat16" if cpu_has_native_bf16() else "float32")
+    auto = load_engine(tiny_model, torch_dtype="auto")
+    assert auto.info.device == "cpu"
+    assert auto.info.dtype == dtype_name(resolve_dtype("auto", "cpu"))
 
 
 def test_quantization_is_refused_without_cuda(tiny_model):
@@ -219,10 +251,12 @@ def test_quantization_is_refused_without_cuda(tiny_model):
         load_engine(tiny_model, device="cpu", quantization="int8")
 
 
-def test_static_and_dynamic_kv_cache_give_the_same_text(engine, tiny_model):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_static_and_dynamic_kv_cache_give_the_same_text(dtype, request, tiny_model):
     """KV_CACHE changes how the cache is stored (auto: static on cpu), never what is generated."""
+    engine = engine_in(dtype, request)
     assert engine.kv_cache_implementation() == "static"
-    dynamic = load_engine(tiny_model, kv_cache="dynamic")
+    dynamic = load_engine(tiny_model, kv_cache="dynamic", torch_dtype=dtype)
     assert dynamic.kv_cache_implementation() == "dynamic"
     requests = mixed_requests(6)
     assert texts(engine, requests) == texts(dynamic, requests)

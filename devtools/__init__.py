@@ -1,0 +1,1 @@
+"""Development tools for a checkout of this repository: never shipped in the wheel."""

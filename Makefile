@@ -4,20 +4,20 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-flavours test-unit bench-tiny bench-pipeline schemas clean prometheus-tools deploy-tools
+.PHONY: setup demo lint test test-flavours test-unit bench-tiny bench-pipeline schemas clean prometheus-tools deploy-tools
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip --version >/dev/null 2>&1 || $(PY) -m ensurepip -q
 	test -x $(VENV)/bin/uv || $(PY) -m pip install -q uv==0.13.8
 	$(VENV)/bin/uv pip install --python $(PY) -q -e '.[test,bench]'
-	$(PY) -c "from consumer.local_kafka import ensure_jars; ensure_jars()"
+	$(PY) -c "from devtools.local_kafka import ensure_jars; ensure_jars()"
 	touch $@
 
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) -m consumer demo
+	$(PY) -m devtools demo
 
 # The observability tests run a real Prometheus and promtool (Debian package `prometheus`).
 prometheus-tools:
@@ -56,7 +56,13 @@ deploy-tools: $(TOOLS)/bin/.kustomize-$(KUSTOMIZE_VERSION) $(TOOLS)/keda/.$(KEDA
 			apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends docker-compose; \
 	else echo "tests/deploy needs 'docker compose' or 'docker-compose' (Debian/Ubuntu: apt-get install docker-compose)" >&2; fi
 
-test: setup prometheus-tools deploy-tools
+# Lint, format and types first (pyproject.toml: [tool.ruff], [tool.mypy]), then the suite.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: setup prometheus-tools deploy-tools lint
 	$(PY) -m pytest
 
 # The suite again as each CPU flavour below this machine's would run it (devtools/flavours.py): run it

@@ -60,10 +60,16 @@ def attention_ms(batch: int = 16, filled: int = 1062, preallocated: int = 1254) 
     mask[..., :filled] = True
     sdpa = torch.nn.functional.scaled_dot_product_attention
     whole = seconds(lambda: sdpa(query, keys, values, attn_mask=mask, scale=128**-0.5))
-    prefix = seconds(lambda: sdpa(query, keys[:, :, :filled], values[:, :, :filled], attn_mask=mask[..., :filled],
-                                  scale=128**-0.5))
-    return {"batch": batch, "filled": filled, "preallocated": preallocated,
-            "filled_ms": prefix * 1e3, "preallocated_ms": whole * 1e3}
+    prefix = seconds(
+        lambda: sdpa(query, keys[:, :, :filled], values[:, :, :filled], attn_mask=mask[..., :filled], scale=128**-0.5)
+    )
+    return {
+        "batch": batch,
+        "filled": filled,
+        "preallocated": preallocated,
+        "filled_ms": prefix * 1e3,
+        "preallocated_ms": whole * 1e3,
+    }
 
 
 @torch.inference_mode()
@@ -81,22 +87,58 @@ def main() -> int:
             default, dnnl = default + count * a, dnnl + count * b
         head = both(rows, LM_HEAD) if rows <= 64 else (float("nan"), float("nan"))
         layer_flops = 2 * rows * sum(i * o for i, o in LAYER_SHAPES)
-        results.append({"rows": rows, "layer_default_ms": default * 1e3, "layer_onednn_ms": dnnl * 1e3,
-                        "lm_head_default_ms": head[0] * 1e3, "lm_head_onednn_ms": head[1] * 1e3,
-                        "layer_default_gflops": layer_flops / default / 1e9,
-                        "layer_onednn_gflops": layer_flops / dnnl / 1e9})
-        rows_out.append([rows, f"{default * 1e3:.1f}", f"{dnnl * 1e3:.1f}", f"{default / dnnl:.2f}x",
-                         f"{layer_flops / default / 1e9:.0f} / {layer_flops / dnnl / 1e9:.0f}",
-                         f"{head[0] * 1e3:.0f} / {head[1] * 1e3:.0f}" if rows <= 64 else "-",
-                         "oneDNN" if rows <= onednn.ROWS_LIMIT else "default"])
+        results.append(
+            {
+                "rows": rows,
+                "layer_default_ms": default * 1e3,
+                "layer_onednn_ms": dnnl * 1e3,
+                "lm_head_default_ms": head[0] * 1e3,
+                "lm_head_onednn_ms": head[1] * 1e3,
+                "layer_default_gflops": layer_flops / default / 1e9,
+                "layer_onednn_gflops": layer_flops / dnnl / 1e9,
+            }
+        )
+        rows_out.append(
+            [
+                rows,
+                f"{default * 1e3:.1f}",
+                f"{dnnl * 1e3:.1f}",
+                f"{default / dnnl:.2f}x",
+                f"{layer_flops / default / 1e9:.0f} / {layer_flops / dnnl / 1e9:.0f}",
+                f"{head[0] * 1e3:.0f} / {head[1] * 1e3:.0f}" if rows <= 64 else "-",
+                "oneDNN" if rows <= onednn.ROWS_LIMIT else "default",
+            ]
+        )
         print(f"{rows} rows done", flush=True)
     attention = attention_ms()
-    print(f"attention, one layer at batch 16: {attention['filled_ms']:.2f} ms over {attention['filled']} filled "
-          f"positions, {attention['preallocated_ms']:.2f} ms over all {attention['preallocated']} preallocated")
-    print(format_table(["rows", "text layer, default ms", "oneDNN ms", "oneDNN speed-up", "GFLOP/s default / oneDNN",
-                        "lm_head ms default / oneDNN", "DECODE_MATMUL=auto uses"], rows_out))
-    path = write_json("cpu-kernels.json", {"command": "python -m bench.cpu_kernels", "machine": machine_description(),
-                                           "rows_limit": onednn.ROWS_LIMIT, "matmul": results, "attention": attention})
+    print(
+        f"attention, one layer at batch 16: {attention['filled_ms']:.2f} ms over {attention['filled']} filled "
+        f"positions, {attention['preallocated_ms']:.2f} ms over all {attention['preallocated']} preallocated"
+    )
+    print(
+        format_table(
+            [
+                "rows",
+                "text layer, default ms",
+                "oneDNN ms",
+                "oneDNN speed-up",
+                "GFLOP/s default / oneDNN",
+                "lm_head ms default / oneDNN",
+                "DECODE_MATMUL=auto uses",
+            ],
+            rows_out,
+        )
+    )
+    path = write_json(
+        "cpu-kernels.json",
+        {
+            "command": "python -m bench.cpu_kernels",
+            "machine": machine_description(),
+            "rows_limit": onednn.ROWS_LIMIT,
+            "matmul": results,
+            "attention": attention,
+        },
+    )
     print(f"written to {path}")
     return 0
 

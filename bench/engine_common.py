@@ -1,8 +1,8 @@
 """Shared by the engine benchmarks: random-weight Qwen3-VL models, per-module timing, results files.
 
 Not a test and not part of the service. Models here are built in memory with random weights (no
-checkpoint files, no hub), in the real architecture from consumer.engine.tiny, and run through the
-service's own engine (QwenVLEngine.adopt) so inputs are built exactly as in production.
+checkpoint files, no hub), in the real architecture from devtools.tiny, and run through the
+service's own engine (QwenVLEngine.from_model) so inputs are built exactly as in production.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from consumer.engine.tiny import (
+from devtools.tiny import (
     REAL_VOCAB_SIZE,
     Architecture,
     _train_tokenizer,
@@ -91,8 +91,13 @@ def reduced(arch: Architecture, vision_depth: int, text_layers: int) -> Architec
 
 
 def random_model(
-    arch: Architecture, dtype: torch.dtype, token_ids: dict, lora: str | None, seed: int = 0,
-    device: str = "cpu", attn_implementation: str = "sdpa",
+    arch: Architecture,
+    dtype: torch.dtype,
+    token_ids: dict,
+    lora: str | None,
+    seed: int = 0,
+    device: str = "cpu",
+    attn_implementation: str = "sdpa",
 ):
     """A Qwen3VLForConditionalGeneration with random weights in `dtype`, the real vocabulary size.
 
@@ -119,9 +124,7 @@ def random_model(
         return model
     from peft import LoraConfig, get_peft_model
 
-    peft_model = get_peft_model(
-        model, LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS, lora_dropout=0.0)
-    )
+    peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS, lora_dropout=0.0))
     with torch.no_grad():
         for name, parameter in peft_model.named_parameters():
             if "lora_B" in name:
@@ -149,7 +152,9 @@ def flops_per_image(arch: Architecture, visual_tokens: int, text_tokens: int, ne
     vision = 2 * patches * (3 * 2 * 16 * 16) * vh  # patch embedding
     vision += arch.vision_depth * (2 * patches * (3 * vh * vh + vh * vh + 2 * vh * vi) + 4 * patches**2 * vh)
     merged = 4 * vh
-    vision += (1 + len(arch.deepstack_visual_indexes)) * 2 * visual_tokens * (merged * merged + merged * arch.hidden_size)
+    vision += (
+        (1 + len(arch.deepstack_visual_indexes)) * 2 * visual_tokens * (merged * merged + merged * arch.hidden_size)
+    )
     q = arch.num_attention_heads * arch.head_dim
     layer = text_layer_params(arch)
     context = visual_tokens + text_tokens
@@ -234,5 +239,5 @@ class ModuleTimer:
 def format_table(headers: list[str], rows: list[list]) -> str:
     cells = [[str(cell) for cell in row] for row in rows]
     widths = [max(len(str(h)), *(len(row[i]) for row in cells)) for i, h in enumerate(headers)]
-    line = lambda values: "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths)) + " |"  # noqa: E731
+    line = lambda values: "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths, strict=False)) + " |"  # noqa: E731
     return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])

@@ -3,7 +3,7 @@
     python -m bench.engine_cpu --quick    # 4 text / 4 vision layers, 512x384 images: a few minutes
     python -m bench.engine_cpu            # the full 2.13 B architecture, 1024x768: see README for the time
 
-The model has the FULL Qwen3-VL-2B-Instruct architecture (consumer.engine.tiny.REAL_2B, real
+The model has the FULL Qwen3-VL-2B-Instruct architecture (devtools.tiny.REAL_2B, real
 vocabulary size) with random weights built in memory: no checkpoint, no hub. Each image is a
 1024x768 diagram = 3072 patches = 768 visual tokens, described with 384 new tokens. Inputs are built
 by the service's own engine (`QwenVLEngine.collate`), so shapes are what production runs.
@@ -68,10 +68,9 @@ from consumer.engine.base import GenerationRequest
 from consumer.engine.device import dtype_name, resolve_dtype
 from consumer.engine.kv_cache import FilledStaticCache
 from consumer.engine.qwen import QwenVLEngine
-from consumer.engine.tiny import REAL_2B, Architecture
-from consumer.samples import sample_diagram
 from consumer.settings import Settings
-
+from devtools.samples import sample_diagram
+from devtools.tiny import REAL_2B, Architecture
 
 
 # -- the machine ------------------------------------------------------------------------------------
@@ -142,8 +141,9 @@ def grown_cache(cache, batch: int, extra: int, static: bool = False, room: int =
 
 
 @torch.inference_mode()
-def decode_steps(model, cache, batch: int, extra: int, steps: int, timer: ModuleTimer | None = None,
-                 static: bool = False) -> list[float]:
+def decode_steps(
+    model, cache, batch: int, extra: int, steps: int, timer: ModuleTimer | None = None, static: bool = False
+) -> list[float]:
     """Seconds of `steps` single-token forward passes at batch `batch`, context = cache + extra.
 
     One more step runs first, untimed (and unseen by `timer`): it pays for first-call allocations.
@@ -164,8 +164,13 @@ def decode_steps(model, cache, batch: int, extra: int, steps: int, timer: Module
         started = time.perf_counter()
         where = {"cache_position": torch.tensor([context + step])} if static else {}
         base_of(model)(
-            input_ids=token, attention_mask=mask, position_ids=positions, past_key_values=grown, use_cache=True,
-            logits_to_keep=1, **where,
+            input_ids=token,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=grown,
+            use_cache=True,
+            logits_to_keep=1,
+            **where,
         )
         times.append(time.perf_counter() - started)
     del grown
@@ -184,8 +189,17 @@ def decode_mean_step(model, cache, batch: int, steps: int, static: bool = False)
 
 
 @torch.inference_mode()
-def reduced_run(arch: Architecture, small: Architecture, dtype, lora: str, token_ids, inputs, steps: int,
-                batch_check: int | None = None, static: bool = False) -> dict:
+def reduced_run(
+    arch: Architecture,
+    small: Architecture,
+    dtype,
+    lora: str,
+    token_ids,
+    inputs,
+    steps: int,
+    batch_check: int | None = None,
+    static: bool = False,
+) -> dict:
     """Prefill and batch-1 decode on `small`, each scaled per block/layer to `arch` (shortcut 3)."""
     model = random_model(small, dtype, token_ids, lora=lora)
     timer = ModuleTimer(model)
@@ -202,8 +216,11 @@ def reduced_run(arch: Architecture, small: Architecture, dtype, lora: str, token
         steps_scaled.append(timer.extrapolate(sum(times), arch, calls=len(times)))
     result["decode_step_1"] = sum(steps_scaled) / 2
     if batch_check:
-        batched = {name: torch.cat([tensor] * batch_check) for name, tensor in inputs.items()
-                   if name not in ("pixel_values", "image_grid_thw")}
+        batched = {
+            name: torch.cat([tensor] * batch_check)
+            for name, tensor in inputs.items()
+            if name not in ("pixel_values", "image_grid_thw")
+        }
         batched["pixel_values"] = torch.cat([inputs["pixel_values"]] * batch_check)
         batched["image_grid_thw"] = torch.cat([inputs["image_grid_thw"]] * batch_check)
         timer.remove()
@@ -235,8 +252,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # 1. the machine
     rate_seconds = 1.0 if args.quick else 3.0
-    rates = {name: matmul_rate(dtype, rate_seconds) for name, dtype in
-             (("float32", torch.float32), ("bfloat16", torch.bfloat16), ("float16", torch.float16))}
+    rates = {
+        name: matmul_rate(dtype, rate_seconds)
+        for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16), ("float16", torch.float16))
+    }
     bandwidth = memory_bandwidth(rate_seconds)
     say(f"matmul GFLOP/s {', '.join(f'{k} {v:.0f}' for k, v in rates.items())}; memory {bandwidth:.1f} GB/s")
 
@@ -252,14 +271,15 @@ def main(argv: list[str] | None = None) -> int:
     visual_tokens = int(inputs["image_grid_thw"].prod()) // 4
     text_tokens = inputs["input_ids"].shape[1] - visual_tokens
     flops = flops_per_image(arch, visual_tokens, text_tokens, NEW_TOKENS)
-    say(f"{image_size[0]}x{image_size[1]} image: {visual_tokens} visual + {text_tokens} text tokens; "
-        f"{flops['prefill'] / 1e12:.2f} TFLOP prefill + {flops['decode'] / 1e12:.2f} TFLOP for {NEW_TOKENS} tokens")
+    say(
+        f"{image_size[0]}x{image_size[1]} image: {visual_tokens} visual + {text_tokens} text tokens; "
+        f"{flops['prefill'] / 1e12:.2f} TFLOP prefill + {flops['decode'] / 1e12:.2f} TFLOP for {NEW_TOKENS} tokens"
+    )
 
     # 3. this engine, full model, auto dtype, merged adapter
     say(f"building the {'quick' if args.quick else 'full'} model in {dtype_name(engine_dtype)} with a merged LoRA")
     model = random_model(arch, engine_dtype, token_ids, lora="merged")
-    engine = QwenVLEngine(settings)
-    engine.adopt(model, processor)
+    engine = QwenVLEngine.from_model(settings, model, processor)
     engine.warm_up()  # the service's own warm-up: one 2-token generation on a small image
     engine_static = engine.kv_cache_implementation() == "static"
     say(f"engine KV cache: {engine.kv_cache_implementation()} (KV_CACHE=auto); the old way: dynamic")
@@ -268,8 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     engine_steps = {}
     for batch in batches:
         engine_steps[batch] = decode_mean_step(model, cache, batch, args.steps, static=engine_static)
-        say(f"engine decode step at batch {batch}: {engine_steps[batch][1]:.3f} s (start) / "
-            f"{engine_steps[batch][2]:.3f} s (end of {NEW_TOKENS})")
+        say(
+            f"engine decode step at batch {batch}: {engine_steps[batch][1]:.3f} s (start) / "
+            f"{engine_steps[batch][2]:.3f} s (end of {NEW_TOKENS})"
+        )
     del model, engine, cache
     gc.collect()
 
@@ -278,10 +300,14 @@ def main(argv: list[str] | None = None) -> int:
     # The check validates the per-block scaling used for the old way, so it decodes the way the old way
     # does (dynamic cache); the engine's own rows are measured on the full model, nothing scaled.
     check = reduced_run(arch, small, engine_dtype, "merged", token_ids, inputs, args.steps, batch_check=4)
-    say(f"extrapolation check ({dtype_name(engine_dtype)}): prefill {check['prefill']:.1f} s scaled vs "
-        f"{engine_prefill:.1f} s measured; prefill batch-4 / batch-1 per image {check['prefill_batch_ratio']:.2f}")
+    say(
+        f"extrapolation check ({dtype_name(engine_dtype)}): prefill {check['prefill']:.1f} s scaled vs "
+        f"{engine_prefill:.1f} s measured; prefill batch-4 / batch-1 per image {check['prefill_batch_ratio']:.2f}"
+    )
     old = reduced_run(arch, small, torch.float16, "unmerged", token_ids, inputs, args.steps)
-    say(f"old way (float16, unmerged, scaled): prefill {old['prefill']:.1f} s, decode step {old['decode_step_1']:.3f} s")
+    say(
+        f"old way (float16, unmerged, scaled): prefill {old['prefill']:.1f} s, decode step {old['decode_step_1']:.3f} s"
+    )
     bf16 = None
     if engine_dtype != torch.bfloat16 and not args.skip_bf16:
         bf16 = reduced_run(arch, small, torch.bfloat16, "merged", token_ids, inputs, args.steps)
@@ -292,32 +318,83 @@ def main(argv: list[str] | None = None) -> int:
     floor = (flops["prefill"] + flops["decode"]) / (best_rate * 1e9)
     per_image = lambda prefill_s, step_s, batch: prefill_s + NEW_TOKENS * step_s / batch  # noqa: E731
     old_seconds = per_image(old["prefill"], old["decode_step_1"], 1)
-    configs = [{"name": "old way", "dtype": "float16", "lora": "unmerged", "batch": 1, "prefill_s": old["prefill"],
-                "decode_step_s": old["decode_step_1"], "how": "scaled from 1 block/layer"}]
+    configs = [
+        {
+            "name": "old way",
+            "dtype": "float16",
+            "lora": "unmerged",
+            "batch": 1,
+            "prefill_s": old["prefill"],
+            "decode_step_s": old["decode_step_1"],
+            "how": "scaled from 1 block/layer",
+        }
+    ]
     if bf16:
-        configs.append({"name": "reference", "dtype": "bfloat16", "lora": "merged", "batch": 1,
-                        "prefill_s": bf16["prefill"], "decode_step_s": bf16["decode_step_1"],
-                        "how": "scaled from 1 block/layer"})
+        configs.append(
+            {
+                "name": "reference",
+                "dtype": "bfloat16",
+                "lora": "merged",
+                "batch": 1,
+                "prefill_s": bf16["prefill"],
+                "decode_step_s": bf16["decode_step_1"],
+                "how": "scaled from 1 block/layer",
+            }
+        )
     for batch, (step, start, end) in engine_steps.items():
-        configs.append({"name": "engine", "dtype": dtype_name(engine_dtype), "lora": "merged", "batch": batch,
-                        "prefill_s": engine_prefill, "decode_step_s": step, "decode_step_start_s": start,
-                        "decode_step_end_s": end, "how": "full model"})
+        configs.append(
+            {
+                "name": "engine",
+                "dtype": dtype_name(engine_dtype),
+                "lora": "merged",
+                "batch": batch,
+                "prefill_s": engine_prefill,
+                "decode_step_s": step,
+                "decode_step_start_s": start,
+                "decode_step_end_s": end,
+                "how": "full model",
+            }
+        )
     for config in configs:
         config["seconds_per_image"] = per_image(config["prefill_s"], config["decode_step_s"], config["batch"])
         config["speedup_vs_old"] = old_seconds / config["seconds_per_image"]
         config["ratio_to_floor"] = config["seconds_per_image"] / floor
     best = min((c for c in configs if c["name"] == "engine"), key=lambda c: c["seconds_per_image"])
 
-    rows = [[c["name"], c["dtype"], c["lora"], c["batch"], f"{c['prefill_s']:.1f}",
-             f"{NEW_TOKENS * c['decode_step_s'] / c['batch']:.1f}", f"{c['seconds_per_image']:.1f}",
-             f"{c['speedup_vs_old']:.1f}x", f"{c['ratio_to_floor']:.2f}", c["how"]] for c in configs]
-    headers = ["way", "dtype", "LoRA", "batch", "prefill s/img", f"decode s/img ({NEW_TOKENS} tok)", "s/image",
-               "vs old", "x floor", "measured on"]
+    rows = [
+        [
+            c["name"],
+            c["dtype"],
+            c["lora"],
+            c["batch"],
+            f"{c['prefill_s']:.1f}",
+            f"{NEW_TOKENS * c['decode_step_s'] / c['batch']:.1f}",
+            f"{c['seconds_per_image']:.1f}",
+            f"{c['speedup_vs_old']:.1f}x",
+            f"{c['ratio_to_floor']:.2f}",
+            c["how"],
+        ]
+        for c in configs
+    ]
+    headers = [
+        "way",
+        "dtype",
+        "LoRA",
+        "batch",
+        "prefill s/img",
+        f"decode s/img ({NEW_TOKENS} tok)",
+        "s/image",
+        "vs old",
+        "x floor",
+        "measured on",
+    ]
     weights_s = weight_bytes_per_step(arch, engine_dtype) / (bandwidth * 1e9)
     notes += [
         "prefill timed at batch 1 and taken as linear in batch (compute-bound); on the reduced model a batch "
         f"of 4 costs {check['prefill_batch_ratio']:.2f}x batch 1 per image",
-        f"decode steps: one prefilled KV cache replicated B times (the engine's rows: a preallocated static cache, its CPU default; the old way, the bfloat16 reference and the scaling check: a dynamic one); mean of the steps at context "
+        "decode steps: one prefilled KV cache replicated B times (the engine's rows: a preallocated static "
+        "cache, its CPU default; the old way, the bfloat16 reference and the scaling check: a dynamic one); "
+        "mean of the steps at context "
         f"{visual_tokens + text_tokens} and {visual_tokens + text_tokens + NEW_TOKENS - 1}; EOS never consulted",
         f"old way and bfloat16: timed on 1 vision block + 1 deepstack merger + 1 text layer, scaled per block; "
         f"the same scaling in {dtype_name(engine_dtype)} gives prefill {check['prefill']:.1f} s vs "
@@ -327,38 +404,59 @@ def main(argv: list[str] | None = None) -> int:
         "oneDNN for few-row matmuls)",
         f"compute floor: {(flops['prefill'] + flops['decode']) / 1e12:.2f} TFLOP per image at {best_rate:.0f} GFLOP/s "
         f"(best of float32 {rates['float32']:.0f}, bfloat16 {rates['bfloat16']:.0f}) = {floor:.1f} s/image; "
-        f"at bfloat16's rate alone it would be {(flops['prefill'] + flops['decode']) / (rates['bfloat16'] * 1e9):.1f} s",
+        "at bfloat16's rate alone it would be "
+        f"{(flops['prefill'] + flops['decode']) / (rates['bfloat16'] * 1e9):.1f} s",
         f"weights streamed per decode step in {dtype_name(engine_dtype)}: "
         f"{weight_bytes_per_step(arch, engine_dtype) / 1e9:.1f} GB = {weights_s:.2f} s at {bandwidth:.1f} GB/s "
         f"({NEW_TOKENS * weights_s:.0f} s per image at batch 1, shared by the batch)",
     ]
     if args.quick:
         notes.insert(0, "QUICK: 4 text / 4 vision layers and 512x384 images; NOT the 2B model's numbers")
-    title = (f"Qwen3-VL {'(quick: 4+4 layers)' if args.quick else '2B architecture'}, random weights, "
-             f"{image_size[0]}x{image_size[1]} images ({visual_tokens} visual tokens), {NEW_TOKENS} new tokens, "
-             f"{machine_description()['cpu']} ({torch.get_num_threads()} threads)")
+    title = (
+        f"Qwen3-VL {'(quick: 4+4 layers)' if args.quick else '2B architecture'}, random weights, "
+        f"{image_size[0]}x{image_size[1]} images ({visual_tokens} visual tokens), {NEW_TOKENS} new tokens, "
+        f"{machine_description()['cpu']} ({torch.get_num_threads()} threads)"
+    )
     print("\n" + title)
     print(format_table(headers, rows))
     for note in notes:
         print(f"- {note}")
-    print(f"best: engine batch {best['batch']}: {best['speedup_vs_old']:.1f}x the old way, "
-          f"{best['ratio_to_floor']:.2f}x the compute floor; total bench time {time.perf_counter() - wall:.0f} s")
+    print(
+        f"best: engine batch {best['batch']}: {best['speedup_vs_old']:.1f}x the old way, "
+        f"{best['ratio_to_floor']:.2f}x the compute floor; total bench time {time.perf_counter() - wall:.0f} s"
+    )
 
     stem = "engine-cpu-quick" if args.quick else "engine-cpu"
-    path = write_json(f"{stem}.json", {
-        "command": "python -m bench.engine_cpu" + (" --quick" if args.quick else ""),
-        "quick": args.quick, "machine": machine_description(), "title": title,
-        "image_size": image_size, "visual_tokens": visual_tokens, "text_tokens": text_tokens,
-        "new_tokens": NEW_TOKENS, "engine_dtype": dtype_name(engine_dtype),
-        "matmul_gflops": rates, "memory_gb_s": bandwidth, "flops_per_image": flops,
-        "floor_seconds_per_image": floor, "configs": configs,
-        "best": {"batch": best["batch"], "dtype": best["dtype"], "seconds_per_image": best["seconds_per_image"]},
-        "speedup_vs_old": best["speedup_vs_old"], "ratio_to_floor": best["ratio_to_floor"],
-        "extrapolation_check": {"prefill_scaled_s": check["prefill"], "prefill_measured_s": engine_prefill,
-                                "decode_step_scaled_s": check["decode_step_1"],
-                                "prefill_batch4_per_image_ratio": check["prefill_batch_ratio"]},
-        "notes": notes, "bench_seconds": time.perf_counter() - wall,
-    })
+    path = write_json(
+        f"{stem}.json",
+        {
+            "command": "python -m bench.engine_cpu" + (" --quick" if args.quick else ""),
+            "quick": args.quick,
+            "machine": machine_description(),
+            "title": title,
+            "image_size": image_size,
+            "visual_tokens": visual_tokens,
+            "text_tokens": text_tokens,
+            "new_tokens": NEW_TOKENS,
+            "engine_dtype": dtype_name(engine_dtype),
+            "matmul_gflops": rates,
+            "memory_gb_s": bandwidth,
+            "flops_per_image": flops,
+            "floor_seconds_per_image": floor,
+            "configs": configs,
+            "best": {"batch": best["batch"], "dtype": best["dtype"], "seconds_per_image": best["seconds_per_image"]},
+            "speedup_vs_old": best["speedup_vs_old"],
+            "ratio_to_floor": best["ratio_to_floor"],
+            "extrapolation_check": {
+                "prefill_scaled_s": check["prefill"],
+                "prefill_measured_s": engine_prefill,
+                "decode_step_scaled_s": check["decode_step_1"],
+                "prefill_batch4_per_image_ratio": check["prefill_batch_ratio"],
+            },
+            "notes": notes,
+            "bench_seconds": time.perf_counter() - wall,
+        },
+    )
     plot(configs, floor, title, results_dir() / f"{stem}.png")
     print(f"written to {path} and {stem}.png")
     return 0
@@ -379,8 +477,13 @@ def plot(configs: list[dict], floor: float, title: str, path) -> None:
     axis.barh(labels, decode, left=prefill, label=f"decode ({NEW_TOKENS} tokens)", color="#dd8452")
     axis.axvline(floor, color="black", linestyle="--", label=f"compute floor {floor:.1f} s")
     for row, config in enumerate(configs[::-1]):
-        axis.text(config["seconds_per_image"], row, f"  {config['seconds_per_image']:.0f} s, "
-                  f"{config['speedup_vs_old']:.1f}x old", va="center", fontsize=8)
+        axis.text(
+            config["seconds_per_image"],
+            row,
+            f"  {config['seconds_per_image']:.0f} s, {config['speedup_vs_old']:.1f}x old",
+            va="center",
+            fontsize=8,
+        )
     axis.set_xlabel("seconds per image")
     axis.set_xlim(0, max(c["seconds_per_image"] for c in configs) * 1.3)
     axis.set_title(title, fontsize=8)

@@ -3,7 +3,7 @@
     python -m bench.engine_tiny            # about 2 minutes on 2 busy cores
     python -m bench.engine_tiny --quick    # a smoke run
 
-The tiny random-weight Qwen3-VL (consumer.engine.tiny) does almost no arithmetic, so what is left is
+The tiny random-weight Qwen3-VL (devtools.tiny) does almost no arithmetic, so what is left is
 what each `generate` call costs around the model: preprocessing, Python, kernel launches, per-token
 overheads. Same 16 diagrams (three sizes) and the same number of new tokens per image (EOS ignored:
 min_new_tokens = max_new_tokens), so every configuration does the same work:
@@ -36,9 +36,9 @@ import torch
 from bench.engine_common import format_table, machine_description, write_json
 from consumer.engine.base import GenerationRequest
 from consumer.engine.qwen import QwenVLEngine
-from consumer.engine.tiny import make_tiny_model
-from consumer.samples import sample_diagram
 from consumer.settings import Settings
+from devtools.samples import sample_diagram
+from devtools.tiny import make_tiny_model
 
 SIZES = [(640, 480), (480, 352), (320, 240)]
 
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         old_times = [old_pass()]
 
         engine = QwenVLEngine(settings)
-        engine.load()
+        engine_dtype = engine.load().dtype
         engine.model.generation_config.min_new_tokens = args.new_tokens  # EOS ignored: equal work
         engine.warm_up()
         plain = [GenerationRequest(image=image, prompt=settings.prompt) for image in images]
@@ -122,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         results = {"old": {"dtype": "float16", "adapter": "unmerged", "batch": 1}, "engine": []}
         for batch in batches:
             engine_pass(engine, plain[:batch], batch)  # warm this batch shape
-            seconds = best_of(lambda: engine_pass(engine, plain, batch), repeats, min_seconds)
-            ahead = best_of(lambda: engine_pass(engine, prepared, batch), repeats, min_seconds)
+            seconds = best_of(lambda batch=batch: engine_pass(engine, plain, batch), repeats, min_seconds)
+            ahead = best_of(lambda batch=batch: engine_pass(engine, prepared, batch), repeats, min_seconds)
             results["engine"].append({"batch": batch, "seconds": seconds, "seconds_prepared_ahead": ahead})
             old_times.append(old_pass())  # interleaved: the old way sees the same machine load over time
         # The engine's CPU defaults (static KV cache, oneDNN for few-row matmuls) were chosen on the 2B
@@ -135,9 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         results["engine_without_cpu_defaults"] = []
         for batch in (batches[0], batches[-1]):
             engine_pass(plain_engine, plain[:batch], batch)
-            seconds = best_of(lambda: engine_pass(plain_engine, plain, batch), repeats, min_seconds)
-            results["engine_without_cpu_defaults"].append({"batch": batch, "seconds": seconds,
-                                                           "images_per_s": count / seconds})
+            seconds = best_of(lambda batch=batch: engine_pass(plain_engine, plain, batch), repeats, min_seconds)
+            results["engine_without_cpu_defaults"].append(
+                {"batch": batch, "seconds": seconds, "images_per_s": count / seconds}
+            )
             old_times.append(old_pass())
         old_seconds = min(old_times)
         results["old"]["seconds"], results["old"]["pass_seconds"] = old_seconds, old_times
@@ -148,26 +149,50 @@ def main(argv: list[str] | None = None) -> int:
         rate, ahead_rate = count / entry["seconds"], count / entry["seconds_prepared_ahead"]
         entry["images_per_s"], entry["images_per_s_prepared_ahead"] = rate, ahead_rate
         entry["speedup_vs_old"], entry["speedup_prepared_ahead_vs_old"] = rate / old_rate, ahead_rate / old_rate
-        rows.append([
-            "engine", engine.info.dtype, "merged", entry["batch"], f"{rate:.2f}", f"{ahead_rate:.2f}",
-            f"{rate / old_rate:.1f}x", f"{ahead_rate / old_rate:.1f}x",
-        ])
+        rows.append(
+            [
+                "engine",
+                engine_dtype,
+                "merged",
+                entry["batch"],
+                f"{rate:.2f}",
+                f"{ahead_rate:.2f}",
+                f"{rate / old_rate:.1f}x",
+                f"{ahead_rate / old_rate:.1f}x",
+            ]
+        )
     for entry in results["engine_without_cpu_defaults"]:
         entry["speedup_vs_old"] = entry["images_per_s"] / old_rate
-        rows.append(["engine, KV_CACHE=dynamic, DECODE_MATMUL=default", engine.info.dtype, "merged", entry["batch"],
-                     f"{entry['images_per_s']:.2f}", "-", f"{entry['speedup_vs_old']:.1f}x", "-"])
+        rows.append(
+            [
+                "engine, KV_CACHE=dynamic, DECODE_MATMUL=default",
+                engine_dtype,
+                "merged",
+                entry["batch"],
+                f"{entry['images_per_s']:.2f}",
+                "-",
+                f"{entry['speedup_vs_old']:.1f}x",
+                "-",
+            ]
+        )
     results["old"]["images_per_s"] = old_rate
     headers = ["way", "dtype", "LoRA", "batch", "images/s", "images/s, prepared ahead", "vs old", "vs old, prepared"]
-    print(f"\ntiny Qwen3-VL, {count} images of sizes {SIZES}, {args.new_tokens} new tokens each (EOS ignored), "
-          f"best of {repeats}+ passes")
+    print(
+        f"\ntiny Qwen3-VL, {count} images of sizes {SIZES}, {args.new_tokens} new tokens each (EOS ignored), "
+        f"best of {repeats}+ passes"
+    )
     print(format_table(headers, rows))
     path = write_json(
         "engine-tiny-quick.json" if args.quick else "engine-tiny.json",
         {
             "command": "python -m bench.engine_tiny" + (" --quick" if args.quick else ""),
             "machine": machine_description(),
-            "images": count, "sizes": SIZES, "new_tokens": args.new_tokens, "repeats": repeats,
-            "engine_dtype": engine.info.dtype, **results,
+            "images": count,
+            "sizes": SIZES,
+            "new_tokens": args.new_tokens,
+            "repeats": repeats,
+            "engine_dtype": engine_dtype,
+            **results,
         },
     )
     print(f"\nwritten to {path}")

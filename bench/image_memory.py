@@ -41,12 +41,14 @@ def _png(width: int, height: int, raw_rows: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw_rows, 9)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw_rows, 9)) + chunk(b"IEND", b"")
+    )
 
 
 def make(name: str, path: Path) -> None:
     """Write case `name` to `path` (run in its own subprocess, so the parent stays small)."""
-    from consumer.samples import sample_diagram
+    from devtools.samples import sample_diagram
 
     if name == "png-bomb-100000x100000":
         data = _png(100_000, 100_000, bytes(8 * 1024 * 1024))  # the first rows' worth of zeros
@@ -108,8 +110,11 @@ def main() -> None:
         for name in CASES:
             subprocess.run([sys.executable, __file__, "--make", name, str(root / name)], check=True, env=env)
             done = subprocess.run(
-                [sys.executable, __file__, "--measure", name, str(root)], check=True, env=env,
-                capture_output=True, text=True,
+                [sys.executable, __file__, "--measure", name, str(root)],
+                check=True,
+                env=env,
+                capture_output=True,
+                text=True,
             )
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     if args.json:
@@ -120,7 +125,10 @@ def main() -> None:
     for row in rows:
         size = row["file_bytes"]
         shown = f"{size / 1024:.0f} KiB" if size < 1024 * 1024 else f"{size / 1024 / 1024:.1f} MiB"
-        print(f"| {row['case']}: {CASES[row['case']]} | {shown} | {row['outcome']} | {row['peak_rss_increase_mb']:.1f} MB |")
+        print(
+            f"| {row['case']}: {CASES[row['case']]} | {shown} | {row['outcome']} "
+            f"| {row['peak_rss_increase_mb']:.1f} MB |"
+        )
 
 
 if __name__ == "__main__":

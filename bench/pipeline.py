@@ -6,7 +6,7 @@
 Everything runs in one go against one broker (KAFKA_BOOTSTRAP_SERVERS if set, else a local Kafka
 from the project's jars). Three kinds of event, each on its own 6-partition topic:
 
-- base64: a 1024x768 PNG diagram inline (consumer.samples, ~15 KB of JSON);
+- base64: a 1024x768 PNG diagram inline (devtools.samples, ~15 KB of JSON);
 - url:    the same images as http URLs served from memory by a ThreadingHTTPServer on loopback;
 - small:  a 64x48 PNG inline: next to no image work, so what is left is the pipeline's own cost.
 
@@ -66,9 +66,9 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 
 from consumer.events import parse_event  # noqa: E402
 from consumer.images import ImageResolver  # noqa: E402
-from consumer.local_kafka import LocalKafka, create_topics, free_port  # noqa: E402
-from consumer.samples import png_bytes, sample_diagram  # noqa: E402
 from consumer.settings import Settings  # noqa: E402
+from devtools.local_kafka import LocalKafka, create_topics, free_port  # noqa: E402
+from devtools.samples import png_bytes, sample_diagram  # noqa: E402
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 PARTITIONS = 6
@@ -90,7 +90,9 @@ class Profile:
     latency_seconds: float
 
 
-FULL = Profile(events=1500, decode_events=500, scaling_events=1200, scaling=(1, 2, 3), latency_rate=20, latency_seconds=8)
+FULL = Profile(
+    events=1500, decode_events=500, scaling_events=1200, scaling=(1, 2, 3), latency_rate=20, latency_seconds=8
+)
 QUICK = Profile(events=300, decode_events=150, scaling_events=300, scaling=(1, 2), latency_rate=20, latency_seconds=3)
 
 
@@ -179,15 +181,25 @@ def sample_result() -> bytes:
     from consumer.engine.echo import ECHO_DESCRIPTION
     from consumer.events import DiagramResult, ResultMetadata, Source
 
-    return DiagramResult(
-        id="base64-1234",
-        description=ECHO_DESCRIPTION,
-        metadata=ResultMetadata(
-            inference_time=0.0123, generation_time=0.0001, image_size=(1024, 768), model="echo", adapter=None,
-            device="cpu", output_tokens=0, batch_size=8,
-            source=Source(topic="bench-0123ab-base64-in", partition=3, offset=1234),
-        ),
-    ).model_dump_json().encode()
+    return (
+        DiagramResult(
+            id="base64-1234",
+            description=ECHO_DESCRIPTION,
+            metadata=ResultMetadata(
+                inference_time=0.0123,
+                generation_time=0.0001,
+                image_size=(1024, 768),
+                model="echo",
+                adapter=None,
+                device="cpu",
+                output_tokens=0,
+                batch_size=8,
+                source=Source(topic="bench-0123ab-base64-in", partition=3, offset=1234),
+            ),
+        )
+        .model_dump_json()
+        .encode()
+    )
 
 
 def produce(bootstrap: str, topic: str, records: list[tuple[str, bytes]], rate: float | None = None) -> dict[str, int]:
@@ -400,7 +412,9 @@ class RawLoop:
                     self.pending.setdefault(partition, set()).add(offset)
                     self.next_offset[partition] = offset + 1
                     self.producer.produce(
-                        self.output_topic, value=self.result, key=message.key(),
+                        self.output_topic,
+                        value=self.result,
+                        key=message.key(),
                         on_delivery=self._on_delivery(partition, offset),
                     )
                 elif self.taken >= self.limit:
@@ -460,7 +474,10 @@ class Service:
     def start(self) -> Service:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "consumer", "run"], cwd=REPO_ROOT, env=self.env, stdout=log,
+                [sys.executable, "-m", "consumer", "run"],
+                cwd=REPO_ROOT,
+                env=self.env,
+                stdout=log,
                 stderr=subprocess.STDOUT,
             )
         return self
@@ -597,8 +614,12 @@ class Bench:
 
     def settings(self, group: str) -> Settings:
         return Settings.from_environ(
-            {**self.extra_env, "KAFKA_BOOTSTRAP_SERVERS": self.bootstrap, "KAFKA_GROUP_ID": group,
-             "IMAGE_ALLOWED_HOSTS": "127.0.0.1"}
+            {
+                **self.extra_env,
+                "KAFKA_BOOTSTRAP_SERVERS": self.bootstrap,
+                "KAFKA_GROUP_ID": group,
+                "IMAGE_ALLOWED_HOSTS": "127.0.0.1",
+            }
         )
 
     def meter(self, **pids: int) -> CpuMeter:
@@ -726,7 +747,9 @@ class Bench:
 def table(headers: list[str], rows: list[list[object]]) -> str:
     cells = [headers] + [["-" if cell is None else str(cell) for cell in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = ["| " + " | ".join(cell.ljust(width) for cell, width in zip(row, widths)) + " |" for row in cells]
+    lines = [
+        "| " + " | ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) + " |" for row in cells
+    ]
     lines.insert(1, "|" + "|".join("-" * (width + 2) for width in widths) + "|")
     return "\n".join(lines)
 
@@ -736,8 +759,15 @@ def ratio(a: float, b: float) -> float | None:
 
 
 def build_report(
-    runs: dict[str, dict], kinds: list[Kind], scaling: list[dict], profile: Profile, corpus: Corpus, command: str,
-    started: float, load_before: tuple[float, ...], extra_env: dict[str, str],
+    runs: dict[str, dict],
+    kinds: list[Kind],
+    scaling: list[dict],
+    profile: Profile,
+    corpus: Corpus,
+    command: str,
+    started: float,
+    load_before: tuple[float, ...],
+    extra_env: dict[str, str],
 ) -> dict:
     def rate(loop: str, kind: Kind) -> float:
         return runs[f"{loop}_{kind.name}"]["events_per_s"]
@@ -779,40 +809,89 @@ def build_report(
 
 def print_report(report: dict) -> None:
     runs = report["runs"]
-    print(f"\n## Throughput ({report['events_per_run']} events per run, raw + decode {report['raw_decode_events']}; "
-          f"base64 events {report['event_bytes_base64_1024x768']} B)\n")
+    print(
+        f"\n## Throughput ({report['events_per_run']} events per run, raw + decode {report['raw_decode_events']}; "
+        f"base64 events {report['event_bytes_base64_1024x768']} B)\n"
+    )
     rows = []
     for kind, label in report["kinds"].items():
         for loop in ("raw_kafka", "raw_decode", "service"):
             run = runs[f"{loop}_{kind}"]
             latency = run["latency"] or {}
-            rows.append([
-                label, {"raw_kafka": "raw, Kafka only", "raw_decode": "raw + decode", "service": "service (echo)"}[loop],
-                run["events_per_s"], report["ratios"][kind]["service_vs_raw_decode"] if loop == "service" else "",
-                report["ratios"][kind]["service_vs_raw_kafka"] if loop == "service" else "",
-                run["cpu_ms_per_event"], run["broker_cpu_ms_per_event"],
-                latency.get("p50_ms", ""), latency.get("p99_ms", ""), latency.get("rate", ""),
-            ])
-    print(table(["events", "loop", "events/s", "vs raw+decode", "vs raw Kafka", "CPU ms/event", "broker CPU ms/event",
-                 "latency p50 ms", "latency p99 ms", "at events/s"], rows))
+            rows.append(
+                [
+                    label,
+                    {"raw_kafka": "raw, Kafka only", "raw_decode": "raw + decode", "service": "service (echo)"}[loop],
+                    run["events_per_s"],
+                    report["ratios"][kind]["service_vs_raw_decode"] if loop == "service" else "",
+                    report["ratios"][kind]["service_vs_raw_kafka"] if loop == "service" else "",
+                    run["cpu_ms_per_event"],
+                    run["broker_cpu_ms_per_event"],
+                    latency.get("p50_ms", ""),
+                    latency.get("p99_ms", ""),
+                    latency.get("rate", ""),
+                ]
+            )
+    print(
+        table(
+            [
+                "events",
+                "loop",
+                "events/s",
+                "vs raw+decode",
+                "vs raw Kafka",
+                "CPU ms/event",
+                "broker CPU ms/event",
+                "latency p50 ms",
+                "latency p99 ms",
+                "at events/s",
+            ],
+            rows,
+        )
+    )
     for kind, label in report["kinds"].items():
         stages = runs[f"service_{kind}"]["stages"]
-        print(f"\n## Where the time goes: service, {label}: {stages['batches']} batches of {stages['mean_batch_size']} "
-              f"events on average, {stages['batch_wall_ms']} ms of wall time per batch, "
-              f"{stages['fetches_retried']} fetches retried\n")
-        print(table(["stage", "observations", "mean ms", "ms per batch"],
-                    [[r["stage"], r["observations"], r["mean_ms"], r["ms_per_batch"]] for r in stages["rows"]]))
-    print("\n(ms per batch: the stage's sum over a batch's events; fetch/decode run on FETCH_WORKERS threads and "
-          "publish waits for the broker's ack asynchronously, so those overlap other batches)")
+        print(
+            f"\n## Where the time goes: service, {label}: {stages['batches']} batches of {stages['mean_batch_size']} "
+            f"events on average, {stages['batch_wall_ms']} ms of wall time per batch, "
+            f"{stages['fetches_retried']} fetches retried\n"
+        )
+        print(
+            table(
+                ["stage", "observations", "mean ms", "ms per batch"],
+                [[r["stage"], r["observations"], r["mean_ms"], r["ms_per_batch"]] for r in stages["rows"]],
+            )
+        )
+    print(
+        "\n(ms per batch: the stage's sum over a batch's events; fetch/decode run on FETCH_WORKERS threads and "
+        "publish waits for the broker's ack asynchronously, so those overlap other batches)"
+    )
     if report["scaling"]:
-        print(f"\n## Scaling: service processes in one group, {PARTITIONS} partitions, base64 1024x768 events, "
-              f"{report['machine']['cpus']} CPUs\n")
-        print(table(["processes", "events/s", "service CPU ms/event", "broker CPU ms/event", "bench producer events/s"],
-                    [[s["processes"], s["events_per_s"], s["service_cpu_ms_per_event"], s["broker_cpu_ms_per_event"],
-                      s["bench_producer_events_per_s"]] for s in report["scaling"]]))
-    print(f"\nratio_vs_raw (service / raw + decode, base64) = {report['ratio_vs_raw']}; "
-          f"service / raw Kafka only = {report['ratio_vs_raw_kafka_only']}; "
-          f"load average before {report['machine']['load_average_before']}, after {report['machine']['load_average_after']}")
+        print(
+            f"\n## Scaling: service processes in one group, {PARTITIONS} partitions, base64 1024x768 events, "
+            f"{report['machine']['cpus']} CPUs\n"
+        )
+        print(
+            table(
+                ["processes", "events/s", "service CPU ms/event", "broker CPU ms/event", "bench producer events/s"],
+                [
+                    [
+                        s["processes"],
+                        s["events_per_s"],
+                        s["service_cpu_ms_per_event"],
+                        s["broker_cpu_ms_per_event"],
+                        s["bench_producer_events_per_s"],
+                    ]
+                    for s in report["scaling"]
+                ],
+            )
+        )
+    print(
+        f"\nratio_vs_raw (service / raw + decode, base64) = {report['ratio_vs_raw']}; "
+        f"service / raw Kafka only = {report['ratio_vs_raw_kafka_only']}; "
+        f"load average before {report['machine']['load_average_before']}, "
+        f"after {report['machine']['load_average_after']}"
+    )
 
 
 def chart(report: dict, path: Path) -> None:
@@ -824,7 +903,7 @@ def chart(report: dict, path: Path) -> None:
 
     kinds = list(report["kinds"].items())
     figure, axes = plt.subplots(len(kinds), 1, figsize=(8, 2.4 * len(kinds) + 0.6), squeeze=False)
-    for axis, (kind, label) in zip(axes[:, 0], kinds):
+    for axis, (kind, label) in zip(axes[:, 0], kinds, strict=False):
         stages = report["runs"][f"service_{kind}"]["stages"]
         labels = [row["stage"] for row in stages["rows"]] + ["batch wall time"]
         values = [row["ms_per_batch"] for row in stages["rows"]] + [stages["batch_wall_ms"] or 0]
@@ -850,17 +929,31 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.pipeline", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: few events, scaling to 2 processes")
     parser.add_argument("--events", type=int, help=f"events per kind (default {FULL.events}, quick {QUICK.events})")
-    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
-                        help="a setting for the service and the raw loops' clients, e.g. LOG_LEVEL=WARNING")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for the service and the raw loops' clients, e.g. LOG_LEVEL=WARNING",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "pipeline.json")
     parser.add_argument("--no-scaling", action="store_true")
-    parser.add_argument("--kinds", default=",".join(kind.name for kind in KINDS),
-                        help="which kinds of event to run (the report needs base64)")
+    parser.add_argument(
+        "--kinds",
+        default=",".join(kind.name for kind in KINDS),
+        help="which kinds of event to run (the report needs base64)",
+    )
     args = parser.parse_args(argv)
     profile = QUICK if args.quick else FULL
     if args.events:
-        profile = Profile(args.events, min(args.events, profile.decode_events), args.events, profile.scaling,
-                          profile.latency_rate, profile.latency_seconds)
+        profile = Profile(
+            args.events,
+            min(args.events, profile.decode_events),
+            args.events,
+            profile.scaling,
+            profile.latency_rate,
+            profile.latency_seconds,
+        )
     extra_env = dict(item.split("=", 1) for item in args.env)
     kinds = [kind for kind in KINDS if kind.name in args.kinds.split(",")]
     command = " ".join(["python -m bench.pipeline", *(sys.argv[1:] if argv is None else argv)])
@@ -885,7 +978,10 @@ def main(argv: list[str] | None = None) -> int:
             produce(bootstrap, topic, corpus.events(kind, profile.events, kind.name))
             print(f"{kind.label}: raw loop, Kafka only ...", flush=True)
             runs[f"raw_kafka_{kind.name}"] = bench.raw(
-                f"rawk-{kind.name}", topic, profile.events, decode=False,
+                f"rawk-{kind.name}",
+                topic,
+                profile.events,
+                decode=False,
                 latency_events=corpus.events(kind, latency_count, f"lat-rawk-{kind.name}"),
             )
             print(f"{kind.label}: raw loop + decode ...", flush=True)

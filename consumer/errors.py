@@ -6,6 +6,7 @@ short machine-readable reason, and a message a person can act on.
 
 from __future__ import annotations
 
+from enum import IntEnum
 from typing import Literal
 
 Stage = Literal["parse", "fetch", "decode", "infer", "publish"]
@@ -52,3 +53,19 @@ class PublishError(ProcessingError):
     """The result cannot be published (for example larger than the broker accepts)."""
 
     stage: Stage = "publish"
+
+
+class ExitCode(IntEnum):
+    """`python -m consumer run`'s exit status."""
+
+    CLEAN = 0
+    """Shutdown finished the batch in flight, published and committed it."""
+    UNFINISHED = 1
+    """Shutdown ran out of SHUTDOWN_TIMEOUT (or the broker was unreachable): unfinished work is left
+    uncommitted, for the group to redo."""
+    FAILED = 2
+    """Stopped on an unrecoverable error (a publish failed, a worker crashed); nothing more was committed."""
+    LOAD_FAILED = 3
+    """The model or its adapter could not be loaded."""
+    KILLED = 130
+    """A second SIGTERM/SIGINT: exited at once, without a clean shutdown."""

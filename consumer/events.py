@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticSerializationError, to_json
 
-from consumer.errors import ParseError
+from consumer.errors import ParseError, Stage
 
 MAX_ID_CHARS = 256
 """An id travels in every log line and dead-letter header, so it is kept short."""
@@ -92,16 +92,28 @@ class Source(BaseModel):
     offset: int
 
 
-class ResultMetadata(BaseModel):
-    inference_time: float = Field(description="seconds from the event's arrival to its description")
-    generation_time: float = Field(description="seconds of model generation: this event's share of its batch")
+class GenerationMetadata(BaseModel):
+    """What the old HTTP service's users relied on, for a Kafka result and a POST /infer answer alike."""
+
+    inference_time: float = Field(description="seconds from the event's arrival (or the request) to its description")
+    generation_time: float = Field(description="seconds of model generation: this image's share of its model call")
     image_size: tuple[int, int] = Field(description="[width, height] of the decoded image")
     model: str
     adapter: str | None = Field(description="the LoRA adapter path, or null when the base model ran alone")
     device: str
     output_tokens: int
+
+
+class ResultMetadata(GenerationMetadata):
     batch_size: int = Field(description="how many events shared this event's generate call")
     source: Source
+
+
+class InferResponse(BaseModel):
+    """POST /infer's answer: the old HTTP service's `{description, metadata}`."""
+
+    description: str
+    metadata: GenerationMetadata
 
 
 class DiagramResult(BaseModel):
@@ -116,7 +128,7 @@ class DeadLetterHeaders(BaseModel):
 
     model_config = ConfigDict(populate_by_name=True)
 
-    error_stage: str = Field(alias="error.stage", description="parse, fetch, decode, infer or publish")
+    error_stage: Stage = Field(alias="error.stage", description="the stage that failed")
     error_class: str = Field(alias="error.class", description="the exception class, e.g. FetchError")
     error_message: str = Field(alias="error.message", description="what went wrong and what to fix")
     error_reason: str = Field(alias="error.reason", description="short machine-readable reason")
@@ -131,6 +143,10 @@ class DeadLetterHeaders(BaseModel):
         description="present when the record's value was left out of the dead letter because it is over "
         "MAX_EVENT_BYTES: the value's size in bytes (read it from source.topic/partition/offset)",
     )
+
+    def kafka_headers(self) -> list[tuple[str, str | bytes | None]]:
+        """The headers as a Kafka record carries them, in field order; absent optional ones left out."""
+        return [(name, value) for name, value in self.model_dump(by_alias=True, exclude_none=True).items()]
 
 
 def parse_event(value: bytes | None, max_bytes: int | None = None) -> DiagramEvent:

@@ -99,7 +99,7 @@ def _route_through_root(name: str) -> None:
         transformers_logging.disable_progress_bar()
     elif name == "huggingface_hub":
         try:
-            from huggingface_hub.utils import disable_progress_bars
+            from huggingface_hub.utils import disable_progress_bars  # type: ignore[attr-defined]
         except ImportError:
             return
         disable_progress_bars()

@@ -59,6 +59,12 @@ class OffsetTracker:
             self._partitions[tp] = self._new_state(held=True)
             return state.first_offset
 
+    def epoch_of(self, tp: TopicPartitionKey) -> int | None:
+        """`tp`'s current epoch, None when it is not tracked: work stamped with another epoch is stale."""
+        with self._lock:
+            state = self._partitions.get(tp)
+            return state.epoch if state is not None else None
+
     def assigned(self) -> list[TopicPartitionKey]:
         with self._lock:
             return list(self._partitions)

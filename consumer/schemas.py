@@ -9,9 +9,11 @@ import json
 import sys
 from pathlib import Path
 
+from pydantic import BaseModel
+
 from consumer.events import DeadLetterHeaders, DiagramEvent, DiagramResult
 
-SCHEMAS = {
+SCHEMAS: dict[str, tuple[type[BaseModel], str]] = {
     "diagram-event.schema.json": (DiagramEvent, "Input event on INPUT_TOPIC"),
     "diagram-result.schema.json": (DiagramResult, "Result on OUTPUT_TOPIC, keyed like its input"),
     "dead-letter-headers.schema.json": (

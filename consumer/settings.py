@@ -17,8 +17,12 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # Librdkafka properties whose values are secrets: never logged, never shown on /health.
 SECRET_KAFKA_KEYS = (
-    "sasl.password", "ssl.key.password", "ssl.keystore.password", "sasl.oauthbearer.client.secret",
-    "ssl.key.pem", "sasl.oauthbearer.config",
+    "sasl.password",
+    "ssl.key.password",
+    "ssl.keystore.password",
+    "sasl.oauthbearer.client.secret",
+    "ssl.key.pem",
+    "sasl.oauthbearer.config",
 )
 
 # KAFKA_* variables that are settings of this service, not librdkafka properties.
@@ -53,8 +57,9 @@ class Settings(BaseSettings):
     torch_compile: bool = False
     kv_cache: Literal["auto", "static", "dynamic"] = "auto"
     """KV cache during generation: static (preallocated, updated in place, attention reading only the
-    filled part: consumer/engine/kv_cache.py) or dynamic (grown by concatenation every step). auto: static on cpu, where copying a growing cache each step cost more
-    than the attention itself (bench/engine_cpu.py); dynamic elsewhere until measured on a GPU."""
+    filled part: consumer/engine/kv_cache.py) or dynamic (grown by concatenation every step). auto:
+    static on cpu, where copying a growing cache each step cost more than the attention itself
+    (bench/engine_cpu.py); dynamic elsewhere until measured on a GPU."""
     decode_matmul: Literal["auto", "onednn", "default"] = "auto"
     """How float32 CPU linear layers multiply few rows (a decode step: one row per image): onednn
     sends calls of up to 128 rows to oneDNN, 1.1-2.3x faster than PyTorch's default GEMM there
@@ -107,9 +112,9 @@ class Settings(BaseSettings):
     """/health/live answers 503 once the poll loop has not come round for this many seconds."""
     infer_endpoint: bool = False
     """Serve the old service's POST /infer (multipart `file`) on the side server, through the same engine."""
-    debug_stall_file: Path | None = None
-    """Fault injection for tests, never for production: while this file exists the main thread stands
-    still, before the warm-up and in every poll, so the probes can be seen to notice."""
+    test_hook: str | None = None
+    """`module:function` called once at start, before the model loads: fault injection for tests,
+    never for production (consumer/hooks.py)."""
 
     @field_validator("image_allowed_hosts", mode="before")
     @classmethod

@@ -45,8 +45,9 @@ def main(pytest_args: list[str]) -> int:
         # flavour, reused under an imitated one, computed wrong results (seen: AMX CPU imitating avx2).
         cache = Path(tempfile.gettempdir()) / f"torchinductor-as-{flavour}"
         env = {**os.environ, **IMITATIONS[flavour], "TORCHINDUCTOR_CACHE_DIR": str(cache)}
-        print(f"\n=== the suite as {flavour} ({' '.join(f'{k}={v}' for k, v in IMITATIONS[flavour].items())})",
-              flush=True)
+        print(
+            f"\n=== the suite as {flavour} ({' '.join(f'{k}={v}' for k, v in IMITATIONS[flavour].items())})", flush=True
+        )
         started = time.monotonic()
         returncode = subprocess.call([sys.executable, "-m", "pytest", *pytest_args], env=env)
         results.append((flavour, returncode, time.monotonic() - started))

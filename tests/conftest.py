@@ -1,7 +1,7 @@
 """Shared fixtures: a real Kafka broker, the tiny model, and the service as a real subprocess.
 
 The broker is, in order: KAFKA_BOOTSTRAP_SERVERS if set; testcontainers' Kafka if a Docker engine
-answers; otherwise a single-node KRaft broker from Apache Kafka's own jars (consumer.local_kafka).
+answers; otherwise a single-node KRaft broker from Apache Kafka's own jars (devtools.local_kafka).
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ def pytest_report_header() -> str:
     from consumer.engine.device import cpu_flavour, dtype_name, resolve_dtype
 
     capped = {name: os.environ[name] for name in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY") if name in os.environ}
-    return (f"cpu flavour: {cpu_flavour()} (TORCH_DTYPE=auto: {dtype_name(resolve_dtype('auto', 'cpu'))})"
-            + (f", imitated with {capped}" if capped else ""))
+    return f"cpu flavour: {cpu_flavour()} (TORCH_DTYPE=auto: {dtype_name(resolve_dtype('auto', 'cpu'))})" + (
+        f", imitated with {capped}" if capped else ""
+    )
 
 
 def _docker_kafka():
@@ -44,7 +45,7 @@ def kafka_bootstrap():
         with container:
             yield container.get_bootstrap_server()
         return
-    from consumer.local_kafka import LocalKafka
+    from devtools.local_kafka import LocalKafka
 
     with LocalKafka() as broker:
         yield broker.bootstrap_servers
@@ -53,7 +54,7 @@ def kafka_bootstrap():
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A tiny random Qwen3-VL checkpoint (seed 0); its adapter is in <dir>/adapter."""
-    from consumer.engine.tiny import make_tiny_model
+    from devtools.tiny import make_tiny_model
 
     directory = tmp_path_factory.mktemp("tiny-model")
     make_tiny_model(directory, seed=0)

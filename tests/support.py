@@ -15,7 +15,7 @@ from pathlib import Path
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
-from consumer.local_kafka import create_topics, free_port
+from devtools.local_kafka import create_topics, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -181,8 +181,11 @@ class ServiceRunner:
 
     def start(self, ready_timeout: float = 120.0, wait_ready: bool = True) -> ServiceRunner:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "consumer", "run"], cwd=REPO_ROOT, env=self.env,
-            stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT,
+            [sys.executable, "-m", "consumer", "run"],
+            cwd=REPO_ROOT,
+            env=self.env,
+            stdout=open(self.log_path, "ab"),
+            stderr=subprocess.STDOUT,
         )
         return self.wait_ready(ready_timeout) if wait_ready else self
 

@@ -1,15 +1,28 @@
-"""The model behind a small interface: load, warm up, generate a batch.
+"""The model behind a small interface: load, warm up, prepare an image, generate a batch.
 
 The pipeline only sees `Engine`; a different backend (vLLM on GPUs, say) is another class with the
-same three methods.
+same four methods.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, Sequence
 
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class ImageFeatures:
+    """One image as the vision encoder takes it: its patches and their (t, h, w) grid."""
+
+    pixel_values: torch.Tensor
+    """(patches, channels x temporal_patch x patch x patch), float32."""
+    image_grid_thw: torch.Tensor
+    """(1, 3): the patch grid; visual tokens = t * h * w / merge_size**2."""
 
 
 @dataclass(frozen=True)
@@ -24,7 +37,7 @@ class GenerationRequest:
     image: Image.Image | None
     """None only when `prepared` is set (the pipeline lets decoded pixels go once prepared)."""
     prompt: str
-    prepared: object | None = None
+    prepared: ImageFeatures | None = None
 
 
 @dataclass(frozen=True)
@@ -35,44 +48,51 @@ class Generation:
     output_tokens: int
 
 
-@dataclass
+@dataclass(frozen=True)
+class GenerationBatch:
+    """What one `generate` call returned, in request order, and what it cost."""
+
+    generations: list[Generation]
+    seconds: float
+    """The whole call."""
+    preprocess_seconds: float = 0.0
+    """The part spent turning images and prompts into tensors (included in `seconds`)."""
+
+
+@dataclass(frozen=True)
 class EngineInfo:
     """What /health, the metrics and every result's metadata report about the loaded model."""
 
     model: str
-    adapter: str | None = None
-    device: str = "cpu"
-    dtype: str = "float32"
-    backend: str = "transformers"
-    model_load_time: float | None = None
-    warmup_time: float | None = None
-    default_batch_size: int = 8
+    adapter: str | None
+    device: str
+    dtype: str
+    backend: str
+    model_load_time: float
+    default_batch_size: int
     """The batch this engine runs best at on its device; BATCH_SIZE, when set, overrides it."""
-    model_loaded: bool = False
-    processor_loaded: bool = False
-    notes: list[str] = field(default_factory=list)
 
 
-class Engine(Protocol):
-    info: EngineInfo
-    last_preprocess_seconds: float
-    """Time the last `generate` spent turning images and prompts into tensors (part of its total)."""
+class Generator(Protocol):
+    """What the pipeline runs images through: a loaded engine, or the engine shared with POST /infer."""
 
-    def load(self) -> None:
-        """Load weights and processor; raise `EngineLoadError` with the cause if that fails."""
-
-    def warm_up(self) -> None:
-        """Run one generation so the first real batch does not pay for lazy initialisation."""
-
-    def prepare_image(self, image: Image.Image) -> object | None:
+    def prepare_image(self, image: Image.Image) -> ImageFeatures | None:
         """The per-image part of `generate` (resize, normalise, patchify), run ahead on any thread.
 
-        Thread-safe. Returns an opaque value for `GenerationRequest.prepared`, or None when this
-        engine has no such step or it failed (then `generate` does it and reports any error).
+        Thread-safe. None when this engine has no such step or it failed (then `generate` does it and
+        reports any error).
         """
 
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+    def generate(self, requests: Sequence[GenerationRequest]) -> GenerationBatch:
         """Describe every image in one batch; results come back in request order."""
+
+
+class Engine(Generator, Protocol):
+    def load(self) -> EngineInfo:
+        """Load weights and processor; raise `EngineLoadError` with the cause if that fails."""
+
+    def warm_up(self) -> float:
+        """Run one generation so the first real batch does not pay for lazy initialisation; its seconds."""
 
 
 class EngineLoadError(RuntimeError):

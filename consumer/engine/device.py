@@ -39,9 +39,19 @@ neither ("avx2": bfloat16 and float16 are emulated, slower than float32)."""
 
 # oneDNN's instruction-set names in rising order (ONEDNN_MAX_CPU_ISA); names on one line are aliases.
 _ONEDNN_ISAS = (
-    ("SSE41",), ("AVX",), ("AVX2",), ("AVX2_VNNI",), ("AVX2_VNNI_2",), ("AVX512_CORE",), ("AVX512_CORE_VNNI",),
-    ("AVX512_CORE_BF16",), ("AVX10_1_512", "AVX512_CORE_FP16"), ("AVX10_1_512_AMX", "AVX512_CORE_AMX"),
-    ("AVX10_1_512_AMX_FP16", "AVX512_CORE_AMX_FP16"), ("AVX10_2_512",), ("AVX10_2_512_AMX_2",),
+    ("SSE41",),
+    ("AVX",),
+    ("AVX2",),
+    ("AVX2_VNNI",),
+    ("AVX2_VNNI_2",),
+    ("AVX512_CORE",),
+    ("AVX512_CORE_VNNI",),
+    ("AVX512_CORE_BF16",),
+    ("AVX10_1_512", "AVX512_CORE_FP16"),
+    ("AVX10_1_512_AMX", "AVX512_CORE_AMX"),
+    ("AVX10_1_512_AMX_FP16", "AVX512_CORE_AMX_FP16"),
+    ("AVX10_2_512",),
+    ("AVX10_2_512_AMX_2",),
 )
 _ISA_RANK = {name: rank for rank, names in enumerate(_ONEDNN_ISAS) for name in names}
 

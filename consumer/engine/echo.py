@@ -16,7 +16,7 @@ from typing import Sequence
 
 from PIL import Image
 
-from consumer.engine.base import EngineInfo, Generation, GenerationRequest
+from consumer.engine.base import EngineInfo, Generation, GenerationBatch, GenerationRequest
 
 logger = logging.getLogger(__name__)
 
@@ -26,24 +26,30 @@ REMINDER_INTERVAL_S = 60.0
 
 class EchoEngine:
     def __init__(self, delay_s: float = 0.0, reminder_interval_s: float = REMINDER_INTERVAL_S) -> None:
-        self.info = EngineInfo(model="echo", device="cpu", dtype="none", backend="echo")
-        self.last_preprocess_seconds = 0.0
         self.delay_s = delay_s
         self.answered = 0
         self._reminder_interval_s = reminder_interval_s
         self._last_reminder = time.monotonic()
 
-    def load(self) -> None:
-        self.info.model_load_time = 0.0
-        self.info.model_loaded = self.info.processor_loaded = True
+    def load(self) -> EngineInfo:
+        return EngineInfo(
+            model="echo",
+            adapter=None,
+            device="cpu",
+            dtype="none",
+            backend="echo",
+            model_load_time=0.0,
+            default_batch_size=8,
+        )
 
-    def warm_up(self) -> None:
-        self.info.warmup_time = 0.0
+    def warm_up(self) -> float:
+        return 0.0
 
     def prepare_image(self, image: Image.Image) -> None:
         return None
 
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+    def generate(self, requests: Sequence[GenerationRequest]) -> GenerationBatch:
+        started = time.perf_counter()
         if self.delay_s:
             time.sleep(self.delay_s)  # one sleep per batch, like one forward pass per batch
         self.answered += len(requests)
@@ -53,4 +59,5 @@ class EchoEngine:
                 "ENGINE=echo: %d events answered so far with a fixed text, no model ran (benchmarks only)",
                 self.answered,
             )
-        return [Generation(text=ECHO_DESCRIPTION, output_tokens=0) for _ in requests]
+        generations = [Generation(text=ECHO_DESCRIPTION, output_tokens=0) for _ in requests]
+        return GenerationBatch(generations, time.perf_counter() - started)

@@ -11,6 +11,8 @@ dynamic cache of the same contents would.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from transformers import StaticCache
 from transformers.cache_utils import StaticLayer
@@ -19,13 +21,15 @@ from transformers.cache_utils import StaticLayer
 class FilledStaticLayer(StaticLayer):
     """A StaticLayer whose keys and values, as attention sees them, end at the last filled position."""
 
-    def __init__(self, max_cache_len: int, **kwargs) -> None:
+    def __init__(self, max_cache_len: int, **kwargs: Any) -> None:
         super().__init__(max_cache_len=max_cache_len, **kwargs)
         # The count StaticLayer keeps in `cumulative_length`, on the host: reading that tensor back
         # from a GPU at every layer and step would stall the stream.
         self.filled = 0
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = super().update(key_states, value_states, *args, **kwargs)
         self.filled += key_states.shape[-2]
         return keys[:, :, : self.filled], values[:, :, : self.filled]
@@ -42,8 +46,9 @@ class FilledStaticLayer(StaticLayer):
 class FilledStaticCache(StaticCache):
     """StaticCache with FilledStaticLayer layers: pass it to `generate(cache=...)`."""
 
-    def __init__(self, config, max_cache_len: int, **kwargs) -> None:
+    def __init__(self, config: Any, max_cache_len: int, **kwargs: Any) -> None:
         super().__init__(config=config, max_cache_len=max_cache_len, **kwargs)
-        if any(type(layer) is not StaticLayer for layer in self.layers):
+        layers: list[Any] = self.layers  # type: ignore[has-type]  # set by StaticCache.__init__
+        if any(type(layer) is not StaticLayer for layer in layers):
             raise ValueError("FilledStaticCache supports full-attention layers only (no sliding window)")
-        self.layers = [FilledStaticLayer(max_cache_len=max_cache_len) for _ in self.layers]
+        self.layers = [FilledStaticLayer(max_cache_len=max_cache_len) for _ in layers]

@@ -26,7 +26,9 @@ is faster."""
 
 def available() -> bool:
     """Whether this PyTorch build can run a float32 linear layer through oneDNN."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    return bool(torch.backends.mkldnn.is_available()) and hasattr(  # type: ignore[no-untyped-call]
+        torch.ops.mkldnn, "_linear_pointwise"
+    )
 
 
 class FewRowsLinear(torch.nn.Linear):
@@ -34,7 +36,8 @@ class FewRowsLinear(torch.nn.Linear):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Linear's own name
         if input.numel() <= ROWS_LIMIT * input.shape[-1] and not torch.is_grad_enabled():
-            return torch.ops.mkldnn._linear_pointwise(input, self.weight, self.bias, "none", [], "")
+            result: torch.Tensor = torch.ops.mkldnn._linear_pointwise(input, self.weight, self.bias, "none", [], "")
+            return result
         return super().forward(input)
 
 
@@ -46,8 +49,11 @@ def route_few_rows_to_onednn(model: torch.nn.Module) -> int:
     """
     converted = 0
     for module in model.modules():
-        if type(module) is torch.nn.Linear and module.weight.device.type == "cpu" \
-                and module.weight.dtype == torch.float32:
+        if (
+            type(module) is torch.nn.Linear
+            and module.weight.device.type == "cpu"
+            and module.weight.dtype == torch.float32
+        ):
             module.__class__ = FewRowsLinear
             converted += 1
     return converted

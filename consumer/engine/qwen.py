@@ -15,15 +15,21 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from PIL import Image
 
 from consumer.engine import onednn
-from consumer.engine.base import EngineInfo, EngineLoadError, Generation, GenerationRequest
+from consumer.engine.base import (
+    EngineInfo,
+    EngineLoadError,
+    Generation,
+    GenerationBatch,
+    GenerationRequest,
+    ImageFeatures,
+)
 from consumer.engine.device import default_batch_size, dtype_name, resolve_device, resolve_dtype
 from consumer.engine.kv_cache import FilledStaticCache
 
@@ -38,21 +44,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 
 
-@dataclass(frozen=True)
-class ImageFeatures:
-    """One image as the vision encoder takes it: its patches and their (t, h, w) grid."""
-
-    pixel_values: torch.Tensor
-    """(patches, channels x temporal_patch x patch x patch), float32."""
-    image_grid_thw: torch.Tensor
-    """(1, 3): the patch grid; visual tokens = t * h * w / merge_size**2."""
-
-
 def adapter_present(adapter_path: Path) -> bool:
     return all((adapter_path / name).is_file() for name in ADAPTER_FILES)
 
 
-def check_adapter_keys(peft_model, adapter_path: Path) -> None:
+def check_adapter_keys(peft_model: Any, adapter_path: Path) -> None:
     """Refuse an adapter whose weights do not land on the model (peft only warns, then does nothing)."""
     from peft.utils import get_peft_model_state_dict
     from safetensors import safe_open
@@ -78,13 +74,32 @@ class QwenVLEngine:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.info = EngineInfo(model=settings.base_model_id)
-        self.model = None
-        self.processor = None
-        self.last_preprocess_seconds = 0.0
+        self.info: EngineInfo | None = None
+        """Set by `load` (or `from_model`)."""
+        self.model: Any = None
+        self.processor: Any = None
+
+    @classmethod
+    def from_model(cls, settings: Settings, model: Any, processor: Any) -> QwenVLEngine:
+        """An engine over a model built in memory instead of loaded (bench/: random weights, no files)."""
+        engine = cls(settings)
+        engine.model = model.eval()
+        engine.processor = engine.configure_processor(processor)
+        device = model.device.type
+        engine._route_decode_matmuls(model)
+        engine.info = EngineInfo(
+            model=settings.base_model_id,
+            adapter=None,
+            device=device,
+            dtype=dtype_name(model.dtype),
+            backend="transformers",
+            model_load_time=0.0,
+            default_batch_size=default_batch_size(device),
+        )
+        return engine
 
     # -- load -------------------------------------------------------------------------------
-    def load(self) -> None:
+    def load(self) -> EngineInfo:
         from transformers import AutoModelForImageTextToText
 
         settings = self.settings
@@ -94,10 +109,8 @@ class QwenVLEngine:
             dtype = resolve_dtype(settings.torch_dtype, device)
         except ValueError as exc:
             raise EngineLoadError(str(exc)) from exc
-        self.info.device, self.info.dtype = device, dtype_name(dtype)
-        self.info.default_batch_size = default_batch_size(device)
         token = settings.hf_token.get_secret_value() if settings.hf_token else None
-        logger.info("loading base model %s on %s as %s", settings.base_model_id, device, self.info.dtype)
+        logger.info("loading base model %s on %s as %s", settings.base_model_id, device, dtype_name(dtype))
         try:
             model = AutoModelForImageTextToText.from_pretrained(
                 settings.base_model_id,
@@ -110,12 +123,12 @@ class QwenVLEngine:
             raise EngineLoadError(f"cannot load base model {settings.base_model_id!r}: {exc}") from exc
 
         adapter_path = Path(settings.adapter_path)
+        adapter: str | None = None
         if adapter_present(adapter_path):
             model = self._merge_adapter(model, adapter_path)
-            self.info.adapter = str(adapter_path)
+            adapter = str(adapter_path)
         else:
             logger.warning("no LoRA adapter at %s: running the base model alone (adapter: null)", adapter_path)
-            self.info.adapter = None
 
         if getattr(model, "hf_device_map", None) is None and not settings.quantization:
             model = model.to(device)
@@ -125,14 +138,20 @@ class QwenVLEngine:
             logger.info("TORCH_COMPILE=1: compiling the model's forward (first batches will be slow)")
             model.forward = torch.compile(model.forward, dynamic=True)
         self.model = model
-        self.info.model_loaded = True
-
         self.processor = self._load_processor(adapter_path, token)
-        self.info.processor_loaded = True
-        self.info.model_load_time = round(time.perf_counter() - started, 3)
-        logger.info("model ready in %.2f s (adapter: %s)", self.info.model_load_time, self.info.adapter)
+        self.info = EngineInfo(
+            model=settings.base_model_id,
+            adapter=adapter,
+            device=device,
+            dtype=dtype_name(dtype),
+            backend="transformers",
+            model_load_time=round(time.perf_counter() - started, 3),
+            default_batch_size=default_batch_size(device),
+        )
+        logger.info("model ready in %.2f s (adapter: %s)", self.info.model_load_time, adapter)
+        return self.info
 
-    def _route_decode_matmuls(self, model) -> None:
+    def _route_decode_matmuls(self, model: Any) -> None:
         """DECODE_MATMUL: few-row float32 matmuls on oneDNN on CPUs (consumer/engine/onednn.py)."""
         mode = self.settings.decode_matmul
         if mode == "default":
@@ -143,19 +162,27 @@ class QwenVLEngine:
                 raise EngineLoadError(unusable)
             return  # auto: PyTorch's own kernels
         converted = onednn.route_few_rows_to_onednn(model)
-        logger.info("DECODE_MATMUL=%s: %d linear layers run calls of up to %d rows on oneDNN",
-                    mode, converted, onednn.ROWS_LIMIT)
+        logger.info(
+            "DECODE_MATMUL=%s: %d linear layers run calls of up to %d rows on oneDNN",
+            mode,
+            converted,
+            onednn.ROWS_LIMIT,
+        )
 
-    def _onednn_unusable(self, model) -> str | None:
+    def _onednn_unusable(self, model: Any) -> str | None:
         """Why DECODE_MATMUL=onednn cannot apply to `model`, or None where it can."""
         if self.settings.torch_compile:
             # torch.compile's CPU backend cannot lower these calls (it wants the weight as a graph
             # constant) and picks its own kernels, oneDNN included.
-            return ("DECODE_MATMUL=onednn cannot be combined with TORCH_COMPILE: torch.compile picks its own CPU "
-                    "kernels; leave DECODE_MATMUL=auto")
+            return (
+                "DECODE_MATMUL=onednn cannot be combined with TORCH_COMPILE: torch.compile picks its own CPU "
+                "kernels; leave DECODE_MATMUL=auto"
+            )
         if model.device.type != "cpu" or model.dtype != torch.float32 or not onednn.available():
-            return (f"DECODE_MATMUL=onednn needs a float32 model on a CPU with a oneDNN-enabled PyTorch; this one is "
-                    f"{dtype_name(model.dtype)} on {model.device.type} (oneDNN available: {onednn.available()})")
+            return (
+                f"DECODE_MATMUL=onednn needs a float32 model on a CPU with a oneDNN-enabled PyTorch; this one is "
+                f"{dtype_name(model.dtype)} on {model.device.type} (oneDNN available: {onednn.available()})"
+            )
         return None
 
     def _attention_implementation(self, device: str) -> str:
@@ -168,7 +195,7 @@ class QwenVLEngine:
                 pass
         return "sdpa"
 
-    def _quantization_kwargs(self, device: str) -> dict:
+    def _quantization_kwargs(self, device: str) -> dict[str, Any]:
         mode = self.settings.quantization
         if not mode:
             return {}
@@ -188,7 +215,7 @@ class QwenVLEngine:
             config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)
         return {"quantization_config": config, "device_map": {"": 0}}
 
-    def _merge_adapter(self, model, adapter_path: Path):
+    def _merge_adapter(self, model: Any, adapter_path: Path) -> Any:
         from peft import PeftModel
 
         logger.info("applying LoRA adapter from %s", adapter_path)
@@ -201,10 +228,12 @@ class QwenVLEngine:
             return peft_model  # merging into quantized weights loses precision; keep LoRA unmerged
         return peft_model.merge_and_unload()
 
-    def _load_processor(self, adapter_path: Path, token: str | None):
+    def _load_processor(self, adapter_path: Path, token: str | None) -> Any:
         from transformers import AutoProcessor, AutoTokenizer
 
-        has = lambda names: any((adapter_path / name).is_file() for name in names)  # noqa: E731
+        def has(names: tuple[str, ...]) -> bool:
+            return any((adapter_path / name).is_file() for name in names)
+
         try:
             if has(PROCESSOR_FILES):
                 logger.info("processor loaded from the adapter directory %s", adapter_path)
@@ -221,7 +250,7 @@ class QwenVLEngine:
             raise EngineLoadError(f"cannot load the processor: {exc}") from exc
         return self.configure_processor(processor)
 
-    def configure_processor(self, processor):
+    def configure_processor(self, processor: Any) -> Any:
         """Left padding (right padding breaks batched generation) and the IMAGE_MIN/MAX_PIXELS bounds."""
         processor.tokenizer.padding_side = "left"
         processor.image_processor.size = {
@@ -230,27 +259,20 @@ class QwenVLEngine:
         }
         return processor
 
-    def adopt(self, model, processor) -> None:
-        """Run a model built in memory instead of loaded (bench/: random weights, no checkpoint files)."""
-        self.model = model.eval()
-        self.processor = self.configure_processor(processor)
-        self.info.device, self.info.dtype = model.device.type, dtype_name(model.dtype)
-        self.info.default_batch_size = default_batch_size(self.info.device)
-        self._route_decode_matmuls(model)
-        self.info.model_loaded = self.info.processor_loaded = True
-
     # -- run --------------------------------------------------------------------------------
-    def warm_up(self) -> None:
+    def warm_up(self) -> float:
         started = time.perf_counter()
         image = Image.new("RGB", (256, 192), "white")
         self.generate([GenerationRequest(image=image, prompt="Warm-up.")], max_new_tokens=2)
-        self.info.warmup_time = round(time.perf_counter() - started, 3)
-        logger.info("warm-up generation done in %.2f s", self.info.warmup_time)
+        seconds = round(time.perf_counter() - started, 3)
+        logger.info("warm-up generation done in %.2f s", seconds)
+        return seconds
 
     def prompt_text(self, prompt: str) -> str:
         """The exact text the model sees for one image (chat template applied)."""
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text: str = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return text
 
     def prepare_image(self, image: Image.Image) -> ImageFeatures | None:
         """Resize, normalise and patchify one image (thread-safe); None if that fails here."""
@@ -274,8 +296,12 @@ class QwenVLEngine:
         tokens_per_patch = processor.image_processor.merge_size**2
         features, texts = [], []
         for request in requests:
-            prepared = request.prepared if isinstance(request.prepared, ImageFeatures) else None
-            image_features = prepared or self.image_features(request.image)
+            if request.prepared is not None:
+                image_features = request.prepared
+            elif request.image is not None:
+                image_features = self.image_features(request.image)
+            else:
+                raise ValueError("a request needs its image or its prepared features")
             text = self.prompt_text(request.prompt)
             if text.count(image_token) != 1:
                 raise ValueError(f"the prompt must not contain {image_token!r} itself")
@@ -292,13 +318,13 @@ class QwenVLEngine:
         }
 
     @torch.inference_mode()
-    def generate(self, requests: Sequence[GenerationRequest], max_new_tokens: int | None = None) -> list[Generation]:
-        if not requests:
-            return []
+    def generate(self, requests: Sequence[GenerationRequest], max_new_tokens: int | None = None) -> GenerationBatch:
         started = time.perf_counter()
+        if not requests:
+            return GenerationBatch([], 0.0)
         device = self.model.device
         inputs = {name: tensor.to(device) for name, tensor in self.collate(requests).items()}
-        self.last_preprocess_seconds = time.perf_counter() - started
+        preprocess_seconds = time.perf_counter() - started
         max_new_tokens = max_new_tokens or self.settings.max_new_tokens
         output = self.model.generate(
             **inputs,
@@ -324,15 +350,15 @@ class QwenVLEngine:
                     break
             text = tokenizer.decode(row, skip_special_tokens=True).strip()
             generations.append(Generation(text=text, output_tokens=produced))
-        return generations
+        return GenerationBatch(generations, time.perf_counter() - started, preprocess_seconds)
 
     def kv_cache_implementation(self) -> str:
         """KV_CACHE resolved for the device the model runs on ("static" or "dynamic")."""
         if self.settings.kv_cache != "auto":
             return self.settings.kv_cache
-        return "static" if self.info.device == "cpu" else "dynamic"
+        return "static" if self.model.device.type == "cpu" else "dynamic"
 
-    def _cache_kwargs(self, max_length: int) -> dict:
+    def _cache_kwargs(self, max_length: int) -> dict[str, Any]:
         """generate's cache arguments: a FilledStaticCache (consumer/engine/kv_cache.py) or the dynamic default.
 
         With TORCH_COMPILE a static cache is transformers' own: fixed shapes are what a compiled graph

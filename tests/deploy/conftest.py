@@ -17,7 +17,7 @@ from tests.deploy.manifests import K8S_DIR, compose_cli, compose_config, kustomi
 
 @dataclass
 class LiveSideServer:
-    """consumer/server.py's app on a real port, with the service state a test sets."""
+    """consumer/web/server.py's app on a real port, with the service state a test sets."""
 
     port: int
     routes: set[tuple[str, str]]
@@ -26,16 +26,16 @@ class LiveSideServer:
 
     def loading(self) -> None:
         """The model is still loading: the process is alive, not ready."""
-        self.info.model_loaded = self.info.processor_loaded = False
-        self.info.warmup_time = None
+        self.state.engine = None
+        self.state.warmup_time = None
         self.state.ready = self.state.in_group = self.state.stopping = False
         self.state.broker_ok = True
         self.state.last_poll = time.time()
 
     def ready(self) -> None:
         """Loaded, warmed, in the group, polling."""
-        self.info.model_loaded = self.info.processor_loaded = True
-        self.info.warmup_time = 0.5
+        self.state.engine = self.info
+        self.state.warmup_time = 0.5
         self.state.ready = self.state.in_group = self.state.broker_ok = True
         self.state.stopping = False
         self.state.last_poll = time.time()
@@ -56,21 +56,30 @@ class LiveSideServer:
 
 @pytest.fixture(scope="session")
 def side_server():
-    from consumer.engine.base import EngineInfo
-    from consumer.local_kafka import free_port
-    from consumer.metrics import Metrics
-    from consumer.pipeline import ServiceState
-    from consumer.server import SideServer, build_app
-    from tests.deploy.manifests import settings_for
-
     # /metrics reads GPU memory through torch; in the service torch is imported by the model load long
     # before a scrape, here the first scrape would pay for the import on the server's event loop.
     import torch  # noqa: F401
 
+    from consumer.engine.base import EngineInfo
+    from consumer.metrics import Metrics
+    from consumer.state import ServiceState
+    from consumer.web.server import SideServer, build_app
+    from devtools.local_kafka import free_port
+    from tests.deploy.manifests import settings_for
+
     port = free_port()
     settings = settings_for({"HTTP_HOST": "127.0.0.1", "HTTP_PORT": str(port)})
-    info, state = EngineInfo(model="deploy-check"), ServiceState()
-    app = build_app(settings, info, state, Metrics())
+    info = EngineInfo(
+        model="deploy-check",
+        adapter=None,
+        device="cpu",
+        dtype="float32",
+        backend="transformers",
+        model_load_time=1.0,
+        default_batch_size=16,
+    )
+    state = ServiceState(model="deploy-check")
+    app = build_app(settings, state, Metrics())
     routes = {(route.method, route.resource.canonical) for route in app.router.routes()}
     server = SideServer(app, settings.http_host, settings.http_port)
     server.start()

@@ -193,7 +193,7 @@ class Dockerfile:
             for command in stage.commands:
                 kind, value = command.cmd.upper(), list(command.value)
                 if kind == "ENV":
-                    config.env.update(dict(zip(value[::2], value[1::2])))
+                    config.env.update(dict(zip(value[::2], value[1::2], strict=False)))
                 elif kind == "ENTRYPOINT":
                     config.entrypoint, config.cmd = value, []  # Docker resets CMD with ENTRYPOINT
                 elif kind == "CMD":
@@ -272,7 +272,11 @@ def compose_config(cli: list[str], compose_file: Path = REPO_ROOT / "docker-comp
     env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"), "COMPOSE_PROFILES": "cpu,gpu"}
     result = subprocess.run(
         [*cli, "-f", str(compose_file), "--project-directory", str(REPO_ROOT), "config"],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, f"{' '.join(cli)} config rejected {compose_file.name}:\n{result.stderr}"
     return yaml.safe_load(result.stdout)
@@ -294,8 +298,9 @@ def mounts(service: dict) -> list[Mount]:
             source, target, *mode = volume.split(":")
             found.append(Mount(source, target, "ro" in (mode[0].split(",") if mode else []), source.startswith("/")))
         else:
-            found.append(Mount(volume["source"], volume["target"], bool(volume.get("read_only")),
-                               volume.get("type") == "bind"))
+            found.append(
+                Mount(volume["source"], volume["target"], bool(volume.get("read_only")), volume.get("type") == "bind")
+            )
     return found
 
 
@@ -331,8 +336,9 @@ def duration_seconds(text: str | int | float) -> float:
 CRD_FILES = {
     ("keda.sh/v1alpha1", "ScaledObject"): TOOLS / "keda" / "keda.sh_scaledobjects.yaml",
     ("keda.sh/v1alpha1", "TriggerAuthentication"): TOOLS / "keda" / "keda.sh_triggerauthentications.yaml",
-    ("monitoring.coreos.com/v1", "PodMonitor"):
-        TOOLS / "prometheus-operator" / "monitoring.coreos.com_podmonitors.yaml",
+    ("monitoring.coreos.com/v1", "PodMonitor"): TOOLS
+    / "prometheus-operator"
+    / "monitoring.coreos.com_podmonitors.yaml",
 }
 KAFKA_SCALER_SOURCE = TOOLS / "keda" / "kafka_scaler.go"
 

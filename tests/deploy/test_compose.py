@@ -113,10 +113,13 @@ def test_prometheus_scrapes_the_consumer_and_loads_the_rules(compose, side_serve
     settings = settings_for(environment(compose["services"][CONSUMERS["cpu"]]))
     consumer_target = f"diagram-consumer:{settings.http_port}"
     jobs = [
-        job for job in config["scrape_configs"]
+        job
+        for job in config["scrape_configs"]
         if any(consumer_target in group.get("targets", []) for group in job.get("static_configs", []))
-        or any("diagram-consumer" in sd.get("names", []) and sd.get("port") == settings.http_port
-               for sd in job.get("dns_sd_configs", []))
+        or any(
+            "diagram-consumer" in sd.get("names", []) and sd.get("port") == settings.http_port
+            for sd in job.get("dns_sd_configs", [])
+        )
     ]
     assert jobs, f"no scrape job targets {consumer_target}"
     for job in jobs:

@@ -16,9 +16,7 @@ import pytest
 
 from tests.deploy.manifests import REPO_ROOT, Dockerfile, DockerIgnore, project_dependencies, settings_for
 
-VARIANTS = [
-    {"VARIANT": variant, "MODEL_SOURCE": source} for variant in ("cpu", "cuda") for source in ("hub", "baked")
-]
+VARIANTS = [{"VARIANT": variant, "MODEL_SOURCE": source} for variant in ("cpu", "cuda") for source in ("hub", "baked")]
 INIT_WRAPPERS = (["tini", "--"], ["/usr/bin/tini", "--"])
 
 
@@ -147,7 +145,9 @@ def test_build_context_holds_what_the_build_copies_and_builds_the_package(docker
     wheels = tmp_path / "wheels"
     subprocess.run(
         [sys.executable, "-c", f"from setuptools import build_meta; build_meta.build_wheel({str(wheels)!r})"],
-        cwd=context, check=True, capture_output=True,
+        cwd=context,
+        check=True,
+        capture_output=True,
     )
     (wheel,) = wheels.glob("*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())

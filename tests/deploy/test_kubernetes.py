@@ -24,12 +24,23 @@ from tests.deploy.manifests import (
 
 OVERLAYS = ["cpu", "gpu", "gpu+kafka-ca"]
 KINDS = {
-    "ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "PodMonitor", "ScaledObject",
-    "TriggerAuthentication", "PersistentVolumeClaim",
+    "ConfigMap",
+    "Deployment",
+    "Service",
+    "PodDisruptionBudget",
+    "PodMonitor",
+    "ScaledObject",
+    "TriggerAuthentication",
+    "PersistentVolumeClaim",
 }
 # librdkafka's sasl.mechanism -> KEDA's kafka trigger `sasl`.
-KEDA_SASL = {"PLAIN": "plaintext", "SCRAM-SHA-256": "scram_sha256", "SCRAM-SHA-512": "scram_sha512",
-             "OAUTHBEARER": "oauthbearer", "GSSAPI": "gssapi"}
+KEDA_SASL = {
+    "PLAIN": "plaintext",
+    "SCRAM-SHA-256": "scram_sha256",
+    "SCRAM-SHA-512": "scram_sha512",
+    "OAUTHBEARER": "oauthbearer",
+    "GSSAPI": "gssapi",
+}
 
 
 def consumer_container(docs: list[dict]) -> dict:
@@ -83,7 +94,8 @@ def test_secrets_are_the_ones_secrets_example_describes(rendered, overlay):
     container = consumer_container(docs)
     wanted = {
         (v["valueFrom"]["secretKeyRef"]["name"], v["valueFrom"]["secretKeyRef"]["key"])
-        for v in container.get("env", []) if "secretKeyRef" in v.get("valueFrom", {})
+        for v in container.get("env", [])
+        if "secretKeyRef" in v.get("valueFrom", {})
     }
     wanted |= {(ref["name"], ref["key"]) for ref in find(docs, "TriggerAuthentication")["spec"]["secretTargetRef"]}
     for volume in find(docs, "Deployment")["spec"]["template"]["spec"]["volumes"]:

@@ -22,7 +22,7 @@ import pytest
 from confluent_kafka import Consumer
 from PIL import Image
 
-from consumer.samples import png_bytes, sample_diagram
+from devtools.samples import png_bytes, sample_diagram
 from tests.support import (
     ServiceRunner,
     Topics,
@@ -110,9 +110,14 @@ def test_a_batch_longer_than_max_poll_interval_costs_no_rebalance(kafka_bootstra
     ids = [f"slow-{index}" for index in range(4)]
     produce(kafka_bootstrap, topics.input, [event(event_id) for event_id in ids])
     runner = echo_service(
-        kafka_bootstrap, topics,
-        ECHO_DELAY_MS="8000", BATCH_SIZE="4", BATCH_MAX_WAIT_MS="1000",
-        KAFKA_MAX_POLL_INTERVAL_MS="6000", KAFKA_SESSION_TIMEOUT_MS="6000", KAFKA_HEARTBEAT_INTERVAL_MS="1000",
+        kafka_bootstrap,
+        topics,
+        ECHO_DELAY_MS="8000",
+        BATCH_SIZE="4",
+        BATCH_MAX_WAIT_MS="1000",
+        KAFKA_MAX_POLL_INTERVAL_MS="6000",
+        KAFKA_SESSION_TIMEOUT_MS="6000",
+        KAFKA_HEARTBEAT_INTERVAL_MS="1000",
     ).start()
 
     settled, committed, ends = committed_equals_end(kafka_bootstrap, topics.group, topics.input, timeout=60)
@@ -137,14 +142,20 @@ def test_members_killed_mid_run_lose_nothing(kafka_bootstrap, echo_service, requ
     produce(kafka_bootstrap, topics.input, [event(event_id) for event_id in ids])
     isolation = "read_committed" if exactly_once else "read_uncommitted"
     env = {
-        "PROCESSING_GUARANTEE": guarantee, "ECHO_DELAY_MS": "200", "BATCH_SIZE": "4", "MAX_IN_FLIGHT": "8",
-        "KAFKA_SESSION_TIMEOUT_MS": "6000", "KAFKA_HEARTBEAT_INTERVAL_MS": "1000",
+        "PROCESSING_GUARANTEE": guarantee,
+        "ECHO_DELAY_MS": "200",
+        "BATCH_SIZE": "4",
+        "MAX_IN_FLIGHT": "8",
+        "KAFKA_SESSION_TIMEOUT_MS": "6000",
+        "KAFKA_HEARTBEAT_INTERVAL_MS": "1000",
     }
 
     def member(slot: int) -> ServiceRunner:
         # A replacement takes its slot's transactional.id, as a restarted pod would: it fences the
         # killed process and aborts its open transaction at once.
-        return echo_service(kafka_bootstrap, topics, TRANSACTIONAL_ID=f"{topics.group}-{slot}", **env).start(wait_ready=False)
+        return echo_service(kafka_bootstrap, topics, TRANSACTIONAL_ID=f"{topics.group}-{slot}", **env).start(
+            wait_ready=False
+        )
 
     # Two members first; the third joins while they are busy, so each gives up partitions mid-batch.
     members = {slot: member(slot) for slot in range(2)}
@@ -157,7 +168,7 @@ def test_members_killed_mid_run_lose_nothing(kafka_bootstrap, echo_service, requ
         wait_for(lambda: watcher.unique >= 20, 60, "the first results")
         members[2] = member(2).wait_ready()
         for threshold in (80, 160):
-            wait_for(lambda: watcher.unique >= threshold, 60, f"{threshold} results")
+            wait_for(lambda threshold=threshold: watcher.unique >= threshold, 60, f"{threshold} results")
             slot = chooser.choice(sorted(members))
             members[slot].signal(signal.SIGKILL)
             members[slot].wait(10)
@@ -165,8 +176,12 @@ def test_members_killed_mid_run_lose_nothing(kafka_bootstrap, echo_service, requ
             members[slot] = member(slot)
         if exactly_once:
             zombie = freeze_a_zombie(members, chooser, watcher)
-        wait_for(lambda: watcher.unique == len(ids), 90, "every id's result",
-                 "\n".join(runner.log()[-1500:] for runner in members.values()))
+        wait_for(
+            lambda: watcher.unique == len(ids),
+            90,
+            "every id's result",
+            "\n".join(runner.log()[-1500:] for runner in members.values()),
+        )
     finally:
         watcher.close()
     for runner in members.values():
@@ -177,8 +192,10 @@ def test_members_killed_mid_run_lose_nothing(kafka_bootstrap, echo_service, requ
 
     counts = ids_in(read_to_end(kafka_bootstrap, topics.output, isolation))
     duplicates = sum(counts.values()) - len(counts)
-    print(f"\n{guarantee}: {len(ids)} events, killed (slot, results so far) {killed}: {len(counts)} ids with a "
-          f"result, {duplicates} duplicate results ({isolation} reader)")
+    print(
+        f"\n{guarantee}: {len(ids)} events, killed (slot, results so far) {killed}: {len(counts)} ids with a "
+        f"result, {duplicates} duplicate results ({isolation} reader)"
+    )
     assert set(counts) == set(ids)  # nothing lost
     if exactly_once:
         assert duplicates == 0, counts.most_common(5)
@@ -209,7 +226,7 @@ def own_broker(tmp_path):
     """A broker of this test's own, which it may stop and start again (same ports, same data)."""
     if shutil.which("java") is None:
         pytest.skip("the broker-restart test runs its own local broker, which needs java")
-    from consumer.local_kafka import LocalKafka
+    from devtools.local_kafka import LocalKafka
 
     broker = LocalKafka(workdir=tmp_path / "kafka").start()
     yield broker
@@ -227,8 +244,12 @@ def test_broker_restart_loses_nothing_and_the_service_recovers(own_broker, echo_
     try:
         wait_for(lambda: watcher.unique >= 8, 60, "the first results", runner.log())
         own_broker.stop()
-        wait_for(lambda: runner.health()[0] == 503 and not runner.health()[1]["broker_ok"], 30,
-                 "/health to report the broker unreachable", runner.log())
+        wait_for(
+            lambda: runner.health()[0] == 503 and not runner.health()[1]["broker_ok"],
+            30,
+            "/health to report the broker unreachable",
+            runner.log(),
+        )
         own_broker.start()
         produce(bootstrap, topics.input, [event(event_id) for event_id in after])
         wait_for(lambda: watcher.unique == len(before) + len(after), 120, "every id's result", runner.log())
@@ -250,7 +271,11 @@ def test_sigterm_mid_batch_publishes_commits_and_exits_zero(kafka_bootstrap, ech
     produce(kafka_bootstrap, topics.input, [event(event_id) for event_id in ids])
     shutdown_timeout = 20
     runner = echo_service(
-        kafka_bootstrap, topics, ECHO_DELAY_MS="3000", BATCH_SIZE="4", BATCH_MAX_WAIT_MS="500",
+        kafka_bootstrap,
+        topics,
+        ECHO_DELAY_MS="3000",
+        BATCH_SIZE="4",
+        BATCH_MAX_WAIT_MS="500",
         SHUTDOWN_TIMEOUT=str(shutdown_timeout),
     ).start()
     wait_for(lambda: "generating a batch of" in runner.full_log(), 30, "a batch to start", runner.log())
@@ -306,8 +331,9 @@ def limit_message_bytes(bootstrap: str, topic: str, limit: int) -> None:
 
     entry = ConfigEntry("max.message.bytes", str(limit), incremental_operation=AlterConfigOpType.SET)
     admin = AdminClient({"bootstrap.servers": bootstrap})
-    for future in admin.incremental_alter_configs([ConfigResource(ResourceType.TOPIC, topic,
-                                                                  incremental_configs=[entry])]).values():
+    for future in admin.incremental_alter_configs(
+        [ConfigResource(ResourceType.TOPIC, topic, incremental_configs=[entry])]
+    ).values():
         future.result(30)
 
 

@@ -14,8 +14,12 @@ pytestmark = pytest.mark.integration
 def test_demo_prints_descriptions_and_the_dead_letter(kafka_bootstrap):
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "DEMO_MODEL": "tiny", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", "consumer", "demo", "--count", "3"],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "devtools", "demo", "--count", "3"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "TINY RANDOM-WEIGHT" in done.stdout  # the demo says plainly that its descriptions are noise

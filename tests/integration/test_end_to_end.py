@@ -10,14 +10,21 @@ import threading
 
 import pytest
 
-from consumer.samples import png_bytes, sample_diagram
+from devtools.samples import png_bytes, sample_diagram
 from tests.support import committed_equals_end, http_get, produce, read_records
 
 pytestmark = pytest.mark.integration
 
 RESULT_METADATA_FIELDS = {
-    "inference_time", "generation_time", "image_size", "model", "adapter", "device", "output_tokens",
-    "batch_size", "source",
+    "inference_time",
+    "generation_time",
+    "image_size",
+    "model",
+    "adapter",
+    "device",
+    "output_tokens",
+    "batch_size",
+    "source",
 }
 DLQ_HEADERS = {"error.stage", "error.class", "error.message", "source.topic", "source.partition", "source.offset"}
 
@@ -35,7 +42,9 @@ def image_server(tmp_path):
     server.shutdown()
 
 
-def test_thirty_events_from_three_kinds_of_reference_and_bad_events(kafka_bootstrap, topics, service, tmp_path, image_server):
+def test_thirty_events_from_three_kinds_of_reference_and_bad_events(
+    kafka_bootstrap, topics, service, tmp_path, image_server
+):
     www_root, base_url = image_server
     image_root = tmp_path / "images"
     image_root.mkdir()
@@ -60,7 +69,15 @@ def test_thirty_events_from_three_kinds_of_reference_and_bad_events(kafka_bootst
             bad = {
                 4: ("bad-json", b"{not json"),
                 14: ("bad-missing-image", json.dumps({"id": "bad-missing-image"})),
-                24: ("bad-not-an-image", json.dumps({"id": "bad-not-an-image", "image": {"base64": base64.b64encode(b"hello, not a picture").decode()}})),
+                24: (
+                    "bad-not-an-image",
+                    json.dumps(
+                        {
+                            "id": "bad-not-an-image",
+                            "image": {"base64": base64.b64encode(b"hello, not a picture").decode()},
+                        }
+                    ),
+                ),
             }[index]
             records.append(bad)
     produce(kafka_bootstrap, topics.input, records)

@@ -16,9 +16,9 @@ from safetensors.torch import load_file, save_file
 
 from consumer.engine.base import GenerationRequest
 from consumer.engine.qwen import QwenVLEngine
-from consumer.local_kafka import free_port
-from consumer.samples import png_bytes, sample_diagram
 from consumer.settings import Settings
+from devtools.local_kafka import free_port
+from devtools.samples import png_bytes, sample_diagram
 from tests.support import REPO_ROOT, produce, read_records
 
 SIZES = [(640, 480), (320, 240), (336, 448)]
@@ -31,8 +31,10 @@ def test_batched_results_carry_metadata_and_match_single_generation(kafka_bootst
     produce(
         kafka_bootstrap,
         topics.input,
-        [(event_id, json.dumps({"id": event_id, "image": {"base64": base64.b64encode(png_bytes(image)).decode()}}))
-         for event_id, image in images.items()],
+        [
+            (event_id, json.dumps({"id": event_id, "image": {"base64": base64.b64encode(png_bytes(image)).decode()}}))
+            for event_id, image in images.items()
+        ],
     )
     # All eight are waiting before the service starts, and the batch window is long: batches fill up.
     # float32 on every CPU: batched text equal to single text is its guarantee (bfloat16: issue 15).
@@ -55,13 +57,16 @@ def test_batched_results_carry_metadata_and_match_single_generation(kafka_bootst
     assert all(len(set(members)) == 1 for members in by_generation_time.values()), by_generation_time
 
     settings = Settings.from_environ(
-        {}, base_model_id=str(tiny_model), adapter_path=tiny_model / "adapter", max_new_tokens=MAX_NEW_TOKENS,
+        {},
+        base_model_id=str(tiny_model),
+        adapter_path=tiny_model / "adapter",
+        max_new_tokens=MAX_NEW_TOKENS,
         torch_dtype="float32",
     )
     engine = QwenVLEngine(settings)
     engine.load()
     for event_id, image in images.items():
-        [alone] = engine.generate([GenerationRequest(image=image, prompt=settings.prompt)])
+        [alone] = engine.generate([GenerationRequest(image=image, prompt=settings.prompt)]).generations
         assert results[event_id]["description"] == alone.text, event_id
         assert results[event_id]["metadata"]["output_tokens"] == alone.output_tokens, event_id
 
@@ -74,8 +79,11 @@ def test_unset_batch_size_is_the_devices_default(kafka_bootstrap, topics, servic
     device = resolve_device("auto")
     expected = default_batch_size(device)
     image = base64.b64encode(png_bytes(sample_diagram(0, (320, 240)))).decode()
-    produce(kafka_bootstrap, topics.input,
-            [(f"e{index}", json.dumps({"id": f"e{index}", "image": {"base64": image}})) for index in range(20)])
+    produce(
+        kafka_bootstrap,
+        topics.input,
+        [(f"e{index}", json.dumps({"id": f"e{index}", "image": {"base64": image}})) for index in range(20)],
+    )
     runner = service(BATCH_MAX_WAIT_MS="3000")
     records = read_records(kafka_bootstrap, topics.output, 20, timeout=120)
     assert len(records) == 20, runner.log()

@@ -23,7 +23,7 @@ from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, C
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from consumer.samples import png_bytes, sample_diagram
+from devtools.samples import png_bytes, sample_diagram
 from tests.hostile_http import HostileServer
 from tests.support import committed_equals_end, http_get, produce, read_records
 
@@ -81,75 +81,169 @@ def hostile_cases(server: HostileServer, good_png: bytes) -> list[Case]:
         Case("no-reference", event("no-reference", {}), "parse", "invalid_field"),
         Case("two-references", event("two-references", {"path": "a.png", "base64": "AAAA"}), "parse", "invalid_field"),
         Case("unknown-reference-kind", event("unknown-reference-kind", {"s3": "s3://b/k"}), "parse", "invalid_field"),
-        Case("metadata-unpublishable", b'{"id": "metadata-unpublishable", "image": {"base64": "AAAA"}, '
-             b'"metadata": {"note": "\\udc00"}}', "parse", "invalid_field"),
-        Case("prompt-too-long", event("prompt-too-long", {"base64": "AAAA"}, prompt="p" * 9000), "parse", "invalid_field"),
-        Case("event-over-max-event-bytes", event("event-over-max-event-bytes", {"base64": "A" * 300_000}),
-             "parse", "too_large", value_omitted=True),
+        Case(
+            "metadata-unpublishable",
+            b'{"id": "metadata-unpublishable", "image": {"base64": "AAAA"}, "metadata": {"note": "\\udc00"}}',
+            "parse",
+            "invalid_field",
+        ),
+        Case(
+            "prompt-too-long", event("prompt-too-long", {"base64": "AAAA"}, prompt="p" * 9000), "parse", "invalid_field"
+        ),
+        Case(
+            "event-over-max-event-bytes",
+            event("event-over-max-event-bytes", {"base64": "A" * 300_000}),
+            "parse",
+            "too_large",
+            value_omitted=True,
+        ),
         # -- fetch: SSRF in every spelling, and redirects
-        Case("ssrf-cloud-metadata", event("ssrf-cloud-metadata", {"url": "http://169.254.169.254/latest/meta-data/"}),
-             "fetch", "forbidden_address"),
-        Case("ssrf-loopback-name", event("ssrf-loopback-name", {"url": url("/img/good", host="localhost")}),
-             "fetch", "forbidden_address"),
-        Case("ssrf-decimal-ipv4", event("ssrf-decimal-ipv4", {"url": f"http://2130706433:{port}/img/good"}),
-             "fetch", "forbidden_address"),
-        Case("ssrf-octal-ipv4", event("ssrf-octal-ipv4", {"url": f"http://0177.0.0.1:{port}/img/good"}),
-             "fetch", "forbidden_address"),
-        Case("ssrf-ipv6-loopback", event("ssrf-ipv6-loopback", {"url": f"http://[::1]:{port}/img/good"}),
-             "fetch", "forbidden_address"),
-        Case("ssrf-ipv4-mapped-ipv6", event("ssrf-ipv4-mapped-ipv6", {"url": f"http://[::ffff:127.0.0.1]:{port}/"}),
-             "fetch", "forbidden_address"),
-        Case("ssrf-unspecified", event("ssrf-unspecified", {"url": f"http://0.0.0.0:{port}/img/good"}),
-             "fetch", "forbidden_address"),
+        Case(
+            "ssrf-cloud-metadata",
+            event("ssrf-cloud-metadata", {"url": "http://169.254.169.254/latest/meta-data/"}),
+            "fetch",
+            "forbidden_address",
+        ),
+        Case(
+            "ssrf-loopback-name",
+            event("ssrf-loopback-name", {"url": url("/img/good", host="localhost")}),
+            "fetch",
+            "forbidden_address",
+        ),
+        Case(
+            "ssrf-decimal-ipv4",
+            event("ssrf-decimal-ipv4", {"url": f"http://2130706433:{port}/img/good"}),
+            "fetch",
+            "forbidden_address",
+        ),
+        Case(
+            "ssrf-octal-ipv4",
+            event("ssrf-octal-ipv4", {"url": f"http://0177.0.0.1:{port}/img/good"}),
+            "fetch",
+            "forbidden_address",
+        ),
+        Case(
+            "ssrf-ipv6-loopback",
+            event("ssrf-ipv6-loopback", {"url": f"http://[::1]:{port}/img/good"}),
+            "fetch",
+            "forbidden_address",
+        ),
+        Case(
+            "ssrf-ipv4-mapped-ipv6",
+            event("ssrf-ipv4-mapped-ipv6", {"url": f"http://[::ffff:127.0.0.1]:{port}/"}),
+            "fetch",
+            "forbidden_address",
+        ),
+        Case(
+            "ssrf-unspecified",
+            event("ssrf-unspecified", {"url": f"http://0.0.0.0:{port}/img/good"}),
+            "fetch",
+            "forbidden_address",
+        ),
         Case("ssrf-cgnat", event("ssrf-cgnat", {"url": "http://100.64.0.1/"}), "fetch", "forbidden_address"),
-        Case("ssrf-private-10", event("ssrf-private-10", {"url": "https://10.0.0.1/a.png"}), "fetch", "forbidden_address"),
-        Case("redirect-to-metadata", event("redirect-to-metadata", {"url": url("/redirect/metadata")}),
-             "fetch", "forbidden_address"),
-        Case("redirect-to-loopback-name", event("redirect-to-loopback-name", {"url": url("/redirect/localhost")}),
-             "fetch", "forbidden_address"),
+        Case(
+            "ssrf-private-10", event("ssrf-private-10", {"url": "https://10.0.0.1/a.png"}), "fetch", "forbidden_address"
+        ),
+        Case(
+            "redirect-to-metadata",
+            event("redirect-to-metadata", {"url": url("/redirect/metadata")}),
+            "fetch",
+            "forbidden_address",
+        ),
+        Case(
+            "redirect-to-loopback-name",
+            event("redirect-to-loopback-name", {"url": url("/redirect/localhost")}),
+            "fetch",
+            "forbidden_address",
+        ),
         Case("redirect-loop", event("redirect-loop", {"url": url("/loop")}), "fetch", "too_many_redirects"),
         Case("scheme-file", event("scheme-file", {"url": "file:///etc/passwd"}), "fetch", "bad_scheme"),
-        Case("scheme-data", event("scheme-data", {"url": "data:image/png;base64," + b64(good_png)}),
-             "fetch", "bad_scheme"),
-        Case("url-header-injection", event("url-header-injection", {"url": url("/img/good") + "\r\nX-Evil: 1"}),
-             "fetch", "bad_url"),
+        Case(
+            "scheme-data",
+            event("scheme-data", {"url": "data:image/png;base64," + b64(good_png)}),
+            "fetch",
+            "bad_scheme",
+        ),
+        Case(
+            "url-header-injection",
+            event("url-header-injection", {"url": url("/img/good") + "\r\nX-Evil: 1"}),
+            "fetch",
+            "bad_url",
+        ),
         # -- fetch: servers that misbehave
         Case("server-trickles-bytes", event("server-trickles-bytes", {"url": url("/trickle")}), "fetch", "timeout"),
         Case("server-endless-body", event("server-endless-body", {"url": url("/endless")}), "fetch", "too_large"),
-        Case("server-declares-huge", event("server-declares-huge", {"url": url("/declared-huge")}), "fetch", "too_large"),
-        Case("server-huge-headers", event("server-huge-headers", {"url": url("/huge-header")}), "fetch", "bad_response"),
+        Case(
+            "server-declares-huge", event("server-declares-huge", {"url": url("/declared-huge")}), "fetch", "too_large"
+        ),
+        Case(
+            "server-huge-headers", event("server-huge-headers", {"url": url("/huge-header")}), "fetch", "bad_response"
+        ),
         Case("server-404", event("server-404", {"url": url("/status/404")}), "fetch", "http_404"),
         # -- fetch: paths
         Case("path-traversal", event("path-traversal", {"path": "../outside.png"}), "fetch", "outside_root"),
-        Case("path-absolute-elsewhere", event("path-absolute-elsewhere", {"path": "/etc/passwd"}),
-             "fetch", "outside_root"),
+        Case(
+            "path-absolute-elsewhere",
+            event("path-absolute-elsewhere", {"path": "/etc/passwd"}),
+            "fetch",
+            "outside_root",
+        ),
         Case("path-symlink-out", event("path-symlink-out", {"path": "link-out.png"}), "fetch", "outside_root"),
         Case("path-directory", event("path-directory", {"path": "subdir"}), "fetch", "not_a_file"),
         Case("path-nul-byte", event("path-nul-byte", {"path": "good.png\u0000.txt"}), "fetch", "bad_path"),
         # -- fetch: inline base64
         Case("base64-invalid", event("base64-invalid", {"base64": "not*base64*at*all"}), "fetch", "invalid_base64"),
-        Case("base64-over-image-max-bytes", event("base64-over-image-max-bytes", {"base64": b64(os.urandom(110_000))}),
-             "fetch", "too_large"),
-        Case("dead-letter-over-producer-limit",
-             event("dead-letter-over-producer-limit", {"base64": b64(os.urandom(135_000))}),
-             "fetch", "too_large", value_omitted=True),
+        Case(
+            "base64-over-image-max-bytes",
+            event("base64-over-image-max-bytes", {"base64": b64(os.urandom(110_000))}),
+            "fetch",
+            "too_large",
+        ),
+        Case(
+            "dead-letter-over-producer-limit",
+            event("dead-letter-over-producer-limit", {"base64": b64(os.urandom(135_000))}),
+            "fetch",
+            "too_large",
+            value_omitted=True,
+        ),
         # -- decode
         Case("not-an-image", event("not-an-image", {"base64": b64(b"hello, not a picture")}), "decode", "not_an_image"),
-        Case("svg", event("svg", {"base64": b64(b'<svg xmlns="http://www.w3.org/2000/svg"/>')}), "decode", "not_raster"),
+        Case(
+            "svg", event("svg", {"base64": b64(b'<svg xmlns="http://www.w3.org/2000/svg"/>')}), "decode", "not_raster"
+        ),
         Case("pdf", event("pdf", {"base64": b64(b"%PDF-1.7\n1 0 obj\n<<>>\nendobj\n")}), "decode", "not_raster"),
-        Case("png-bomb", event("png-bomb", {"base64": b64(png_header_only(100_000, 100_000))}),
-             "decode", "too_many_pixels"),
-        Case("over-pixel-limit", event("over-pixel-limit", {"base64": b64(png_header_only(3000, 2000))}),
-             "decode", "too_many_pixels"),
-        Case("truncated-png", event("truncated-png", {"base64": b64(truncated[: len(truncated) // 2])}),
-             "decode", "corrupt"),
+        Case(
+            "png-bomb",
+            event("png-bomb", {"base64": b64(png_header_only(100_000, 100_000))}),
+            "decode",
+            "too_many_pixels",
+        ),
+        Case(
+            "over-pixel-limit",
+            event("over-pixel-limit", {"base64": b64(png_header_only(3000, 2000))}),
+            "decode",
+            "too_many_pixels",
+        ),
+        Case(
+            "truncated-png",
+            event("truncated-png", {"base64": b64(truncated[: len(truncated) // 2])}),
+            "decode",
+            "corrupt",
+        ),
         Case("gzip-bomb-over-http", event("gzip-bomb-over-http", {"url": url("/gzip-bomb")}), "decode", "not_an_image"),
-        Case("content-length-lies-low", event("content-length-lies-low", {"url": url("/short-declared/good")}),
-             "decode", "corrupt"),
+        Case(
+            "content-length-lies-low",
+            event("content-length-lies-low", {"url": url("/short-declared/good")}),
+            "decode",
+            "corrupt",
+        ),
         # -- publish: the result is larger than the output topic accepts
-        Case("result-over-broker-limit",
-             event("result-over-broker-limit", {"base64": b64(good_png)}, metadata={"blob": b64(os.urandom(6000))}),
-             "publish", "too_large"),
+        Case(
+            "result-over-broker-limit",
+            event("result-over-broker-limit", {"base64": b64(good_png)}, metadata={"blob": b64(os.urandom(6000))}),
+            "publish",
+            "too_large",
+        ),
     ]
     assert len({case.name for case in cases}) == len(cases)
     return cases
@@ -173,25 +267,35 @@ def good_events(server: HostileServer, good_png: bytes) -> dict[str, tuple[bytes
         "good-path": (event("good-path", {"path": "good.png"}), [320, 240]),
         "good-base64-wrapped": (event("good-base64-wrapped", {"base64": wrapped}), [320, 240]),
         "good-palette-transparent": (
-            event("good-palette-transparent", {"base64": b64(encode(palette, "PNG", transparency=0))}), [300, 200]),
+            event("good-palette-transparent", {"base64": b64(encode(palette, "PNG", transparency=0))}),
+            [300, 200],
+        ),
         "good-cmyk-jpeg": (
             event("good-cmyk-jpeg", {"base64": b64(encode(sample_diagram(2, (640, 320)).convert("CMYK"), "JPEG"))}),
-            [640, 320]),
+            [640, 320],
+        ),
         "good-16-bit-png": (event("good-16-bit-png", {"base64": b64(encode(grey16, "PNG"))}), [256, 256]),
         "good-exif-rotated": (
-            event("good-exif-rotated", {"base64": b64(encode(rotated, "JPEG", exif=exif))}), [400, 600]),
+            event("good-exif-rotated", {"base64": b64(encode(rotated, "JPEG", exif=exif))}),
+            [400, 600],
+        ),
         "good-animated-gif": (
-            event("good-animated-gif", {"base64": b64(encode(frames[0], "GIF", save_all=True,
-                                                                append_images=frames[1:]))}), [600, 400]),
+            event(
+                "good-animated-gif", {"base64": b64(encode(frames[0], "GIF", save_all=True, append_images=frames[1:]))}
+            ),
+            [600, 400],
+        ),
     }
 
 
 def limit_topic_message_size(bootstrap: str, topic: str, max_bytes: int) -> None:
     admin = AdminClient({"bootstrap.servers": bootstrap})
     resource = ConfigResource(
-        ResourceType.TOPIC, topic,
-        incremental_configs=[ConfigEntry("max.message.bytes", str(max_bytes),
-                                         incremental_operation=AlterConfigOpType.SET)],
+        ResourceType.TOPIC,
+        topic,
+        incremental_configs=[
+            ConfigEntry("max.message.bytes", str(max_bytes), incremental_operation=AlterConfigOpType.SET)
+        ],
     )
     for future in admin.incremental_alter_configs([resource]).values():
         future.result(30)
@@ -217,9 +321,14 @@ def test_every_hostile_event_ends_as_one_dead_letter_and_good_ones_still_succeed
         goods = good_events(server, good_png)
         produce(kafka_bootstrap, topics.input, [(case.name, case.value) for case in cases])
         runner = service(
-            IMAGE_ROOT=str(image_root), IMAGE_ALLOWED_HOSTS="127.0.0.1", IMAGE_FETCH_TIMEOUT="2",
-            IMAGE_MAX_BYTES=str(IMAGE_MAX_BYTES), IMAGE_MAX_DECODED_PIXELS="4000000",
-            MAX_EVENT_BYTES=str(MAX_EVENT_BYTES), KAFKA_MESSAGE_MAX_BYTES=str(PRODUCER_MAX_BYTES), BATCH_SIZE="4",
+            IMAGE_ROOT=str(image_root),
+            IMAGE_ALLOWED_HOSTS="127.0.0.1",
+            IMAGE_FETCH_TIMEOUT="2",
+            IMAGE_MAX_BYTES=str(IMAGE_MAX_BYTES),
+            IMAGE_MAX_DECODED_PIXELS="4000000",
+            MAX_EVENT_BYTES=str(MAX_EVENT_BYTES),
+            KAFKA_MESSAGE_MAX_BYTES=str(PRODUCER_MAX_BYTES),
+            BATCH_SIZE="4",
         )
         dead = read_records(kafka_bootstrap, topics.dlq, len(cases), timeout=120)
         assert len(dead) == len(cases), runner.log()

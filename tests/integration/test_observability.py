@@ -1,8 +1,9 @@
 """Health, metrics, logs and POST /infer of one running service, as operators and old clients see them.
 
 One service (a real subprocess, the tiny model, the real broker) serves every test in this module:
-it starts with DEBUG_STALL_FILE present, so it is held after loading and before its warm-up (what
-/health says then is recorded), then processes a few events. A real Prometheus scrapes it.
+it starts with its STALL_FILE present (TEST_HOOK=tests.hooks:stall_while_file_exists), so it is held
+after loading and before its warm-up (what /health says then is recorded), then processes a few
+events. A real Prometheus scrapes it.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from consumer.local_kafka import free_port
-from consumer.samples import png_bytes, sample_diagram
+from devtools.local_kafka import free_port
+from devtools.samples import png_bytes, sample_diagram
 from tests.support import REPO_ROOT, ServiceRunner, create_test_topics, http_get, produce, read_records
 
 pytestmark = pytest.mark.integration
@@ -67,12 +68,16 @@ def observed(kafka_bootstrap, tiny_model, tmp_path_factory):
     stall_file = workdir / "stall"
     stall_file.touch()
     runner = ServiceRunner(
-        kafka_bootstrap, topics, tiny_model, workdir,
+        kafka_bootstrap,
+        topics,
+        tiny_model,
+        workdir,
         {
             "INFER_ENDPOINT": "true",
             "LOG_FORMAT": "json",
             "LIVENESS_TIMEOUT": "2",
-            "DEBUG_STALL_FILE": str(stall_file),
+            "TEST_HOOK": "tests.hooks:stall_while_file_exists",
+            "STALL_FILE": str(stall_file),
             "KAFKA_STATISTICS_INTERVAL_MS": "500",
             "BATCH_SIZE": "4",
         },
@@ -98,8 +103,15 @@ def observed(kafka_bootstrap, tiny_model, tmp_path_factory):
         runner.wait_ready()
 
         records = [
-            (f"obs-{index}", json.dumps({"id": f"obs-{index}", "image": {"base64": base64.b64encode(
-                png_bytes(sample_diagram(index, (320, 240)))).decode()}}))
+            (
+                f"obs-{index}",
+                json.dumps(
+                    {
+                        "id": f"obs-{index}",
+                        "image": {"base64": base64.b64encode(png_bytes(sample_diagram(index, (320, 240)))).decode()},
+                    }
+                ),
+            )
             for index in range(GOOD_EVENTS)
         ]
         records.append(("obs-bad", b"{not json"))
@@ -117,9 +129,13 @@ def post_file(url: str, data: bytes, filename: str) -> tuple[int, dict]:
     """POST multipart/form-data with field `file`, as `curl -F file=@diagram.png` does."""
     boundary = uuid.uuid4().hex
     body = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
-        f"Content-Type: application/octet-stream\r\n\r\n"
-    ).encode() + data + f"\r\n--{boundary}--\r\n".encode()
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
+            f"Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
     request = urllib.request.Request(
         url, data=body, method="POST", headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
     )
@@ -178,10 +194,13 @@ class Prometheus:
         self.log_path = workdir / "prometheus.log"
         self.process = subprocess.Popen(
             [
-                require("prometheus"), f"--config.file={self.config_path}", f"--storage.tsdb.path={workdir / 'data'}",
+                require("prometheus"),
+                f"--config.file={self.config_path}",
+                f"--storage.tsdb.path={workdir / 'data'}",
                 f"--web.listen-address=127.0.0.1:{self.port}",
             ],
-            stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT,
+            stdout=open(self.log_path, "ab"),
+            stderr=subprocess.STDOUT,
         )
         ready = wait_for(lambda: self._answers("/-/ready"), timeout=60)
         assert ready, self.log_path.read_text()[-3000:]
@@ -219,7 +238,7 @@ def prometheus(observed, tmp_path_factory):
 
 
 def test_prometheus_scrapes_processed_events(observed, prometheus):
-    ok_series = f'diagram_events_total{{job="diagram-consumer", outcome="ok"}}'
+    ok_series = 'diagram_events_total{job="diagram-consumer", outcome="ok"}'
 
     def processed() -> float:
         result = prometheus.query(ok_series)
@@ -269,14 +288,20 @@ def test_alert_rules_and_dashboard_queries_evaluate_on_the_scraped_series(observ
     rules = wait_for(rules_evaluated, timeout=30)
     assert rules, prometheus.api("rules")
     assert {rule["name"] for rule in rules} >= {
-        "DiagramConsumerLagGrowing", "DiagramConsumerDeadLetterRate", "DiagramConsumerPollLoopStalled",
-        "DiagramConsumerDown", "DiagramConsumerNoProgress",
+        "DiagramConsumerLagGrowing",
+        "DiagramConsumerDeadLetterRate",
+        "DiagramConsumerPollLoopStalled",
+        "DiagramConsumerDown",
+        "DiagramConsumerNoProgress",
     }
     assert all(rule["health"] == "ok" for rule in rules), [(r["name"], r.get("lastError")) for r in rules]
 
     dashboard = json.loads(DASHBOARD.read_text())
     queries = [
-        (panel["title"], target["expr"].replace("$__rate_interval", "1m").replace('"$job"', '".*"').replace('"$instance"', '".*"'))
+        (
+            panel["title"],
+            target["expr"].replace("$__rate_interval", "1m").replace('"$job"', '".*"').replace('"$instance"', '".*"'),
+        )
         for panel in dashboard["panels"]
         for target in panel.get("targets", [])
     ]
@@ -306,7 +331,10 @@ def test_post_infer_returns_the_old_json_shape(observed):
     assert status == 200 and "POST /infer" in json.loads(index)["endpoints"]
     status, spec = http_get(url + "/openapi.json")
     spec = json.loads(spec)
-    assert spec["openapi"].startswith("3.") and "multipart/form-data" in spec["paths"]["/infer"]["post"]["requestBody"]["content"]
+    assert (
+        spec["openapi"].startswith("3.")
+        and "multipart/form-data" in spec["paths"]["/infer"]["post"]["requestBody"]["content"]
+    )
     status, page = http_get(url + "/docs")
     assert status == 200 and b"openapi.json" in page
 

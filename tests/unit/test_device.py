@@ -91,8 +91,9 @@ def test_onednn_max_cpu_isa_caps_the_flavour(tmp_path, flavour, max_isa, seen_as
     assert cpu_flavour(flags_of(tmp_path, flavour), max_isa=max_isa) == seen_as
 
 
-@pytest.mark.parametrize("flavour, expected", [("avx2", torch.float32), ("avx512-bf16", torch.bfloat16),
-                                                ("amx", torch.bfloat16)])
+@pytest.mark.parametrize(
+    "flavour, expected", [("avx2", torch.float32), ("avx512-bf16", torch.bfloat16), ("amx", torch.bfloat16)]
+)
 def test_auto_dtype_on_each_cpu_flavour(flavour, expected):
     # bfloat16 only where the hardware multiplies it; emulated bf16 and fp16 are slower than fp32.
     assert resolve_dtype("auto", "cpu", flavour=flavour) == expected

@@ -34,13 +34,14 @@ def test_echo_warns_at_start_up_and_keeps_reminding(caplog, tmp_path):
     engine = build_engine(Settings.from_environ({"ENGINE": "echo", "ADAPTER_PATH": str(tmp_path / "none")}))
     assert [r.levelno for r in caplog.records] == [logging.WARNING]
     assert "NO MODEL RUNS" in caplog.text and "Qwen/Qwen3-VL-2B-Instruct" in caplog.text
-    assert engine.info.model == "echo" and engine.info.backend == "echo"  # what /health and results show
+    info = engine.load()
+    assert info.model == "echo" and info.backend == "echo"  # what /health and results show
 
     caplog.clear()
     reminding = EchoEngine(reminder_interval_s=0)
     request = GenerationRequest(image=Image.new("RGB", (32, 32)), prompt="describe")
     for _ in range(2):
-        generations = reminding.generate([request, request])
+        generations = reminding.generate([request, request]).generations
     assert [r.getMessage() for r in caplog.records] == [
         "ENGINE=echo: 2 events answered so far with a fixed text, no model ran (benchmarks only)",
         "ENGINE=echo: 4 events answered so far with a fixed text, no model ran (benchmarks only)",

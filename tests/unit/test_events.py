@@ -9,11 +9,18 @@ from __future__ import annotations
 import json
 
 import pytest
-from hypothesis import given, settings as hypothesis_settings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from consumer.errors import ParseError
 from consumer.events import (
-    MAX_METADATA_DEPTH, DiagramResult, ResultMetadata, Source, event_id_hint, parse_event,
+    MAX_METADATA_DEPTH,
+    DiagramResult,
+    ResultMetadata,
+    Source,
+    event_id_hint,
+    parse_event,
 )
 
 PROPERTY = hypothesis_settings(max_examples=200, deadline=None)
@@ -32,8 +39,15 @@ def refusal(value: bytes | None, **options) -> ParseError:
 def result_for(parsed) -> bytes:
     """The result the pipeline would publish for `parsed`: it must always serialise."""
     metadata = ResultMetadata(
-        inference_time=1.0, generation_time=1.0, image_size=(1, 1), model="m", adapter=None, device="cpu",
-        output_tokens=1, batch_size=1, source=Source(topic="t", partition=0, offset=0),
+        inference_time=1.0,
+        generation_time=1.0,
+        image_size=(1, 1),
+        model="m",
+        adapter=None,
+        device="cpu",
+        output_tokens=1,
+        batch_size=1,
+        source=Source(topic="t", partition=0, offset=0),
     )
     result = DiagramResult(id=parsed.id, description="d", metadata=metadata, input_metadata=parsed.metadata)
     return result.model_dump_json().encode()
@@ -64,7 +78,11 @@ def test_a_full_event_is_read_and_extra_fields_are_ignored():
         (event(image=None), "invalid_field", "image"),
         (event(image="https://example.com/d.png"), "invalid_field", "image"),
         (event(image={}), "invalid_field", "exactly one of url, path, base64"),
-        (event(image={"url": "https://x/y.png", "base64": "AAAA"}), "invalid_field", "exactly one of url, path, base64"),
+        (
+            event(image={"url": "https://x/y.png", "base64": "AAAA"}),
+            "invalid_field",
+            "exactly one of url, path, base64",
+        ),
         (event(image={"ftp": "ftp://x/y.png"}), "invalid_field", "image.ftp"),
         (event(image={"url": 5}), "invalid_field", "image.url"),
         (event(prompt=["not", "text"]), "invalid_field", "prompt"),
@@ -119,8 +137,13 @@ json_values = st.recursive(
 references = st.dictionaries(st.sampled_from(["url", "path", "base64", "ftp"]), json_values | st.text(), max_size=3)
 documents = st.fixed_dictionaries(
     {},
-    optional={"id": st.text(max_size=300) | json_values, "image": references | json_values, "prompt": json_values,
-              "metadata": json_values, "extra": json_values},
+    optional={
+        "id": st.text(max_size=300) | json_values,
+        "image": references | json_values,
+        "prompt": json_values,
+        "metadata": json_values,
+        "extra": json_values,
+    },
 )
 
 

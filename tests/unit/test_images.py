@@ -15,7 +15,9 @@ import zlib
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from consumer.errors import DecodeError, FetchError
@@ -90,12 +92,32 @@ def test_allowing_one_spelling_of_loopback_does_not_allow_the_others(server):
 @pytest.mark.parametrize(
     "url",
     [
-        "http://127.0.0.1/", "http://2130706433/", "http://0177.0.0.1/", "http://0x7f.1/", "http://[::1]/",
-        "http://[::ffff:127.0.0.1]/", "http://[::ffff:7f00:1]/", "http://[::127.0.0.1]/", "http://0.0.0.0/",
-        "http://[::]/", "http://10.1.2.3/", "http://172.16.0.1/", "http://192.168.1.1/", "http://100.64.0.1/",
-        "http://169.254.169.254/latest/meta-data/", "http://[fe80::1]/", "http://[fc00::1]/", "http://[fec0::1]/",
-        "http://224.0.0.1/", "http://[ff02::1]/", "http://255.255.255.255/", "http://240.0.0.1/",
-        "http://[2002:7f00:1::]/", "http://[64:ff9b::7f00:1]/", "http://198.18.0.1/", "https://10.0.0.1/",
+        "http://127.0.0.1/",
+        "http://2130706433/",
+        "http://0177.0.0.1/",
+        "http://0x7f.1/",
+        "http://[::1]/",
+        "http://[::ffff:127.0.0.1]/",
+        "http://[::ffff:7f00:1]/",
+        "http://[::127.0.0.1]/",
+        "http://0.0.0.0/",
+        "http://[::]/",
+        "http://10.1.2.3/",
+        "http://172.16.0.1/",
+        "http://192.168.1.1/",
+        "http://100.64.0.1/",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[fe80::1]/",
+        "http://[fc00::1]/",
+        "http://[fec0::1]/",
+        "http://224.0.0.1/",
+        "http://[ff02::1]/",
+        "http://255.255.255.255/",
+        "http://240.0.0.1/",
+        "http://[2002:7f00:1::]/",
+        "http://[64:ff9b::7f00:1]/",
+        "http://198.18.0.1/",
+        "https://10.0.0.1/",
     ],
 )
 def test_non_public_addresses_in_every_spelling_are_refused(url):
@@ -106,9 +128,18 @@ def test_non_public_addresses_in_every_spelling_are_refused(url):
 @pytest.mark.parametrize(
     "address, public",
     [
-        ("8.8.8.8", True), ("2606:4700::1111", True), ("::ffff:8.8.8.8", True), ("64:ff9b::808:808", True),
-        ("2002:808:808::", True), ("127.0.0.1", False), ("::ffff:10.0.0.1", False), ("64:ff9b::a00:1", False),
-        ("2002:a9fe:a9fe::", False), ("100.127.255.255", False), ("fe80::1%eth0", False), ("0.0.0.0", False),
+        ("8.8.8.8", True),
+        ("2606:4700::1111", True),
+        ("::ffff:8.8.8.8", True),
+        ("64:ff9b::808:808", True),
+        ("2002:808:808::", True),
+        ("127.0.0.1", False),
+        ("::ffff:10.0.0.1", False),
+        ("64:ff9b::a00:1", False),
+        ("2002:a9fe:a9fe::", False),
+        ("100.127.255.255", False),
+        ("fe80::1%eth0", False),
+        ("0.0.0.0", False),
     ],
 )
 def test_embedded_ipv4_forms_are_judged_by_their_ipv4_part(address, public):
@@ -118,12 +149,19 @@ def test_embedded_ipv4_forms_are_judged_by_their_ipv4_part(address, public):
 @pytest.mark.parametrize(
     "url, reason",
     [
-        ("ftp://example.com/a.png", "bad_scheme"), ("file:///etc/passwd", "bad_scheme"),
-        ("gopher://127.0.0.1:6379/_INFO", "bad_scheme"), ("data:image/png;base64,iVBORw0KGgo=", "bad_scheme"),
-        ("//example.com/a.png", "bad_scheme"), ("http:///a.png", "bad_url"), ("http://example.com:99999/", "bad_url"),
-        ("http://[::1/", "bad_url"), ("http://example.com/a b.png", "bad_url"),
-        ("http://example.com/a.png\r\nX-Injected: 1", "bad_url"), ("http://" + "a" * 70 + ".com/", "bad_url"),
-        ("http://example.com/" + "a" * 9000, "bad_url"), ("http://example.com:0/", "bad_url"),
+        ("ftp://example.com/a.png", "bad_scheme"),
+        ("file:///etc/passwd", "bad_scheme"),
+        ("gopher://127.0.0.1:6379/_INFO", "bad_scheme"),
+        ("data:image/png;base64,iVBORw0KGgo=", "bad_scheme"),
+        ("//example.com/a.png", "bad_scheme"),
+        ("http:///a.png", "bad_url"),
+        ("http://example.com:99999/", "bad_url"),
+        ("http://[::1/", "bad_url"),
+        ("http://example.com/a b.png", "bad_url"),
+        ("http://example.com/a.png\r\nX-Injected: 1", "bad_url"),
+        ("http://" + "a" * 70 + ".com/", "bad_url"),
+        ("http://example.com/" + "a" * 9000, "bad_url"),
+        ("http://example.com:0/", "bad_url"),
     ],
 )
 def test_urls_that_are_not_plain_http_are_refused_with_the_field_named(url, reason):
@@ -145,8 +183,11 @@ def test_redirects_are_checked_like_the_first_request(server):
     server.redirects["file"] = "file:///etc/passwd"
     server.redirects["allowed"] = server.url("/img/good")
     fetcher = resolver(image_allowed_hosts="127.0.0.1")
-    for name, reason in [("metadata", "forbidden_address"), ("loopback-name", "forbidden_address"),
-                         ("file", "bad_scheme")]:
+    for name, reason in [
+        ("metadata", "forbidden_address"),
+        ("loopback-name", "forbidden_address"),
+        ("file", "bad_scheme"),
+    ]:
         error = refused(fetcher.fetch_url, server.url(f"/redirect/{name}"))
         assert error.reason == reason, name
         assert "redirect" in error.message
@@ -225,9 +266,7 @@ def tls_server():
         yield running
 
 
-def test_https_checks_the_certificate_against_the_url_host_while_dialling_the_checked_address(
-    tls_server, monkeypatch
-):
+def test_https_checks_the_certificate_against_the_url_host_while_dialling_the_checked_address(tls_server, monkeypatch):
     monkeypatch.setenv("SSL_CERT_FILE", str(TLS_DIR / "ca.pem"))  # trust the test CA, as an operator would
     fetcher = resolver(image_allowed_hosts="localhost,127.0.0.1")
     assert fetcher.fetch_url(tls_server.url("/img/good", host="localhost")) == GOOD_PNG
@@ -269,9 +308,16 @@ def test_paths_inside_the_root_are_read(image_root):
 @pytest.mark.parametrize(
     "reference, reason",
     [
-        ("../secret.png", "outside_root"), ("sub/../../secret.png", "outside_root"), ("/etc/passwd", "outside_root"),
-        ("escape", "outside_root"), ("escape-dir/secret.png", "outside_root"), ("sub", "not_a_file"),
-        ("", "not_a_file"), ("fifo", "not_a_file"), ("sub/ok.png\x00.txt", "bad_path"), ("missing.png", "not_found"),
+        ("../secret.png", "outside_root"),
+        ("sub/../../secret.png", "outside_root"),
+        ("/etc/passwd", "outside_root"),
+        ("escape", "outside_root"),
+        ("escape-dir/secret.png", "outside_root"),
+        ("sub", "not_a_file"),
+        ("", "not_a_file"),
+        ("fifo", "not_a_file"),
+        ("sub/ok.png\x00.txt", "bad_path"),
+        ("missing.png", "not_found"),
     ],
 )
 def test_paths_that_leave_the_root_or_are_not_files_are_refused(image_root, reference, reason):

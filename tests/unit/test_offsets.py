@@ -89,7 +89,7 @@ def test_repeated_log_lines_are_let_through_once_per_interval():
 
 
 def test_offsets_are_never_sent_with_the_metadata_of_a_fenced_member():
-    from consumer.delivery import names_a_member
+    from consumer.stages.delivery.exactly_once import names_a_member
 
     member = b"CGMDv2:" + (3).to_bytes(4, sys.byteorder, signed=True) + b"group\x00rdkafka-1234\x00\x01"
     fenced = b"CGMDv2:" + (-1).to_bytes(4, sys.byteorder, signed=True) + b"group\x00\x00\x01"

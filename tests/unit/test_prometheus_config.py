@@ -39,8 +39,15 @@ def exposed_names() -> set[str]:
     names = set()
     for family in Metrics().registry.collect():
         names.add(family.name)
-        names.update({f"{family.name}_total", f"{family.name}_info", f"{family.name}_bucket",
-                      f"{family.name}_sum", f"{family.name}_count"})
+        names.update(
+            {
+                f"{family.name}_total",
+                f"{family.name}_info",
+                f"{family.name}_bucket",
+                f"{family.name}_sum",
+                f"{family.name}_count",
+            }
+        )
     return names
 
 

@@ -8,8 +8,14 @@ from consumer.settings import Settings
 
 def test_old_service_names_and_defaults():
     settings = Settings.from_environ(
-        {"BASE_MODEL_ID": "/models/qwen", "ADAPTER_PATH": "/w", "DEVICE": "cpu", "TORCH_DTYPE": "float32",
-         "MAX_NEW_TOKENS": "100", "HF_TOKEN": "hf_secret"}
+        {
+            "BASE_MODEL_ID": "/models/qwen",
+            "ADAPTER_PATH": "/w",
+            "DEVICE": "cpu",
+            "TORCH_DTYPE": "float32",
+            "MAX_NEW_TOKENS": "100",
+            "HF_TOKEN": "hf_secret",
+        }
     )
     assert settings.base_model_id == "/models/qwen"
     assert str(settings.adapter_path) == "/w"
@@ -23,8 +29,13 @@ def test_old_service_names_and_defaults():
 
 def test_kafka_passthrough_reaches_librdkafka_config_and_is_redacted():
     settings = Settings.from_environ(
-        {"KAFKA_BOOTSTRAP_SERVERS": "b1:9093", "KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
-         "KAFKA_SASL_MECHANISM": "SCRAM-SHA-512", "KAFKA_SASL_USERNAME": "svc", "KAFKA_SASL_PASSWORD": "pw"}
+        {
+            "KAFKA_BOOTSTRAP_SERVERS": "b1:9093",
+            "KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+            "KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+            "KAFKA_SASL_USERNAME": "svc",
+            "KAFKA_SASL_PASSWORD": "pw",
+        }
     )
     consumer = settings.consumer_config()
     producer = settings.producer_config()

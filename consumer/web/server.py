@@ -11,20 +11,16 @@ import asyncio
 import logging
 import sys
 import threading
-import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from consumer.openapi import DOCS_HTML, openapi_document
-
-if TYPE_CHECKING:
-    from consumer.engine.base import EngineInfo
-    from consumer.infer import SharedEngine
-    from consumer.metrics import Metrics
-    from consumer.pipeline import ServiceState
-    from consumer.settings import Settings
+from consumer.metrics import Metrics
+from consumer.settings import Settings
+from consumer.state import ServiceState
+from consumer.web.infer import make_infer_handler
+from consumer.web.openapi import DOCS_HTML, openapi_document
 
 logger = logging.getLogger(__name__)
 
@@ -43,47 +39,28 @@ def _gpu_memory(metrics: Metrics) -> None:
         logger.debug("cannot read GPU memory", exc_info=True)
 
 
-def is_ready(info: EngineInfo, state: ServiceState) -> bool:
-    """Readiness: the model and processor are loaded, the warm-up ran, and the consumer is in its group
-    (which needs a reachable broker); a member that is shutting down is no longer ready."""
-    warm = info.model_loaded and info.processor_loaded and info.warmup_time is not None and state.ready
-    return warm and state.in_group and state.broker_ok and not state.stopping
-
-
-def poll_age(state: ServiceState, now: float | None = None) -> float | None:
-    """Seconds since the poll loop last came round; None before it first ran."""
-    if not state.last_poll:
-        return None
-    return (now or time.time()) - state.last_poll
-
-
-def build_app(
-    settings: Settings,
-    info: EngineInfo,
-    state: ServiceState,
-    metrics: Metrics,
-    infer_engine: SharedEngine | None = None,
-) -> web.Application:
-    """The side server's routes; POST /infer is added only when `infer_engine` is given."""
+def build_app(settings: Settings, state: ServiceState, metrics: Metrics) -> web.Application:
+    """The side server's routes; POST /infer only with INFER_ENDPOINT=true."""
     prometheus = make_aiohttp_handler(metrics.registry)
-    metrics.track_readiness(lambda: is_ready(info, state))
+    metrics.track_readiness(state.is_ready)
     endpoints = ["/", "/health", "/health/live", "/metrics", "/openapi.json", "/docs"]
-    if infer_engine is not None:
+    if settings.infer_endpoint:
         endpoints.append("POST /infer")
-    document = openapi_document(infer_enabled=infer_engine is not None)
+    document = openapi_document(infer_enabled=settings.infer_endpoint)
 
     def health_body() -> dict[str, Any]:
-        age = poll_age(state)
+        age = state.poll_age()
+        info = state.engine
         return {
-            "status": "healthy" if is_ready(info, state) else "unavailable",
-            "model_loaded": info.model_loaded,
-            "processor_loaded": info.processor_loaded,
-            "device": info.device,
-            "model_load_time": info.model_load_time,
-            "model": info.model,
-            "adapter": info.adapter,
-            "dtype": info.dtype,
-            "warmup_time": info.warmup_time,
+            "status": "healthy" if state.is_ready() else "unavailable",
+            "model_loaded": info is not None,
+            "processor_loaded": info is not None,
+            "device": info.device if info else None,
+            "model_load_time": info.model_load_time if info else None,
+            "model": info.model if info else state.model,
+            "adapter": info.adapter if info else None,
+            "dtype": info.dtype if info else None,
+            "warmup_time": state.warmup_time,
             "group": settings.kafka_group_id,
             "in_group": state.in_group,
             "broker_ok": state.broker_ok,
@@ -99,7 +76,7 @@ def build_app(
     async def live(_: web.Request) -> web.Response:
         # Before the poll loop first runs the process is loading the model: alive, not stalled. A
         # load that hangs is the startup probe's business; a load that fails ends the process.
-        age = poll_age(state)
+        age = state.poll_age()
         if age is None:
             status, alive = "starting", True
         elif state.stopping:
@@ -119,6 +96,7 @@ def build_app(
         return await prometheus(request)
 
     async def index(_: web.Request) -> web.Response:
+        info = state.engine
         return web.json_response(
             {
                 "service": "diagram-consumer",
@@ -128,9 +106,9 @@ def build_app(
                 "output_topic": settings.output_topic,
                 "dlq_topic": settings.dlq_topic,
                 "group": settings.kafka_group_id,
-                "model": info.model,
-                "adapter": info.adapter,
-                "device": info.device,
+                "model": info.model if info else state.model,
+                "adapter": info.adapter if info else None,
+                "device": info.device if info else None,
                 "endpoints": endpoints,
             }
         )
@@ -148,10 +126,8 @@ def build_app(
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/openapi.json", openapi)
     app.router.add_get("/docs", docs)
-    if infer_engine is not None:
-        from consumer.infer import make_infer_handler
-
-        app.router.add_post("/infer", make_infer_handler(settings, infer_engine, state, metrics))
+    if settings.infer_endpoint:
+        app.router.add_post("/infer", make_infer_handler(settings, state, metrics))
     return app
 
 

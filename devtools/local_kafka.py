@@ -40,8 +40,14 @@ def ensure_jars(libs_dir: Path | None = None) -> Path:
     libs_dir.mkdir(parents=True, exist_ok=True)
     subprocess.run(
         [
-            "mvn", "-B", "-q", "-f", str(DEPLOY_DIR / "pom.xml"), "dependency:copy-dependencies",
-            "-DincludeScope=runtime", f"-DoutputDirectory={libs_dir}",
+            "mvn",
+            "-B",
+            "-q",
+            "-f",
+            str(DEPLOY_DIR / "pom.xml"),
+            "dependency:copy-dependencies",
+            "-DincludeScope=runtime",
+            f"-DoutputDirectory={libs_dir}",
         ],
         check=True,
     )
@@ -72,9 +78,16 @@ class LocalKafka:
 
     def _java(self, libs: Path, *args: str) -> list[str]:
         return [
-            "java", f"-Xms{self.heap_mb}m", f"-Xmx{self.heap_mb}m", "-XX:+UseG1GC", "-XX:TieredStopAtLevel=1",
-            "-cp", f"{libs}/*", f"-Dlog4j2.configurationFile={DEPLOY_DIR / 'log4j2.properties'}",
-            f"-Dkafka.logs.dir={self.workdir / 'logs'}", *args,
+            "java",
+            f"-Xms{self.heap_mb}m",
+            f"-Xmx{self.heap_mb}m",
+            "-XX:+UseG1GC",
+            "-XX:TieredStopAtLevel=1",
+            "-cp",
+            f"{libs}/*",
+            f"-Dlog4j2.configurationFile={DEPLOY_DIR / 'log4j2.properties'}",
+            f"-Dkafka.logs.dir={self.workdir / 'logs'}",
+            *args,
         ]
 
     def start(self, timeout: float = 90.0) -> LocalKafka:
@@ -113,13 +126,23 @@ class LocalKafka:
         if not (data_dir / "meta.properties").exists():
             cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
             subprocess.run(
-                self._java(libs, "kafka.tools.StorageTool", "format", "--standalone", f"--cluster-id={cluster_id}",
-                           "-c", str(properties)),
-                check=True, stdout=subprocess.DEVNULL,
+                self._java(
+                    libs,
+                    "kafka.tools.StorageTool",
+                    "format",
+                    "--standalone",
+                    f"--cluster-id={cluster_id}",
+                    "-c",
+                    str(properties),
+                ),
+                check=True,
+                stdout=subprocess.DEVNULL,
             )
         log = open(self.workdir / "broker.out", "ab")
         self.process = subprocess.Popen(
-            self._java(libs, "kafka.Kafka", str(properties)), stdout=log, stderr=subprocess.STDOUT,
+            self._java(libs, "kafka.Kafka", str(properties)),
+            stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         self._wait_ready(timeout)
@@ -190,7 +213,7 @@ def create_topics(bootstrap_servers: str, topics: dict[str, int], timeout: float
         [NewTopic(name, num_partitions=count, replication_factor=1) for name, count in topics.items()],
         request_timeout=timeout,
     )
-    for name, future in futures.items():
+    for _name, future in futures.items():
         try:
             future.result(timeout)
         except Exception as exc:  # noqa: BLE001

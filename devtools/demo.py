@@ -1,4 +1,4 @@
-"""`python -m consumer demo`: the whole service on this machine, end to end, in one command.
+"""`python -m devtools demo`: the whole service on this machine, end to end, in one command.
 
 Starts a local Apache Kafka broker (unless KAFKA_BOOTSTRAP_SERVERS names one), picks the real model
 if it can be loaded and otherwise builds the tiny random one, starts `python -m consumer run` as a
@@ -20,8 +20,8 @@ from pathlib import Path
 
 from confluent_kafka import Consumer, Producer
 
-from consumer.local_kafka import REPO_ROOT, LocalKafka, create_topics, free_port
-from consumer.samples import png_base64, sample_diagram
+from devtools.local_kafka import REPO_ROOT, LocalKafka, create_topics, free_port
+from devtools.samples import png_base64, sample_diagram
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def choose_model() -> dict[str, str]:
         return {"BASE_MODEL_ID": model_id}
     tiny_dir = DEMO_DIR / "tiny-model"
     if not (tiny_dir / "adapter" / "adapter_config.json").exists():
-        from consumer.engine.tiny import make_tiny_model
+        from devtools.tiny import make_tiny_model
 
         make_tiny_model(tiny_dir)
     print(
@@ -79,7 +79,11 @@ def run_demo(count: int = 6, timeout: float = 600.0) -> int:
     service = None
     try:
         run_id = uuid.uuid4().hex[:8]
-        topics = {"input": f"demo-diagrams-{run_id}", "output": f"demo-descriptions-{run_id}", "dlq": f"demo-dlq-{run_id}"}
+        topics = {
+            "input": f"demo-diagrams-{run_id}",
+            "output": f"demo-descriptions-{run_id}",
+            "dlq": f"demo-dlq-{run_id}",
+        }
         create_topics(bootstrap, {topics["input"]: 3, topics["output"]: 3, topics["dlq"]: 1})
         image_root = DEMO_DIR / "images"
         image_root.mkdir(parents=True, exist_ok=True)
@@ -95,7 +99,9 @@ def run_demo(count: int = 6, timeout: float = 600.0) -> int:
             "HTTP_PORT": os.environ.get("HTTP_PORT", str(free_port())),
         }
         log_path = DEMO_DIR / "service.log"
-        print(f"starting the service (logs: {log_path}, health: http://127.0.0.1:{env['HTTP_PORT']}/health)", flush=True)
+        print(
+            f"starting the service (logs: {log_path}, health: http://127.0.0.1:{env['HTTP_PORT']}/health)", flush=True
+        )
         service = subprocess.Popen(
             [sys.executable, "-m", "consumer", "run"], env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT
         )
@@ -130,9 +136,15 @@ def produce_samples(bootstrap: str, topic: str, image_root: Path, count: int) ->
     return count + 1
 
 
-def print_results(bootstrap: str, topics: dict[str, str], expected: int, service: subprocess.Popen, timeout: float) -> int:
+def print_results(
+    bootstrap: str, topics: dict[str, str], expected: int, service: subprocess.Popen, timeout: float
+) -> int:
     reader = Consumer(
-        {"bootstrap.servers": bootstrap, "group.id": f"demo-reader-{uuid.uuid4().hex[:6]}", "auto.offset.reset": "earliest"}
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"demo-reader-{uuid.uuid4().hex[:6]}",
+            "auto.offset.reset": "earliest",
+        }
     )
     reader.subscribe([topics["output"], topics["dlq"]])
     seen = 0
@@ -148,7 +160,9 @@ def print_results(bootstrap: str, topics: dict[str, str], expected: int, service
             seen += 1
             if message.topic() == topics["dlq"]:
                 headers = {key: value.decode() for key, value in message.headers() or []}
-                print(f"\n--- dead letter {message.key().decode()}: [{headers['error.stage']}] {headers['error.message']}")
+                print(
+                    f"\n--- dead letter {message.key().decode()}: [{headers['error.stage']}] {headers['error.message']}"
+                )
                 continue
             result = json.loads(message.value())
             meta = result["metadata"]

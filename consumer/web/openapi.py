@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from consumer.events import InferResponse
 from consumer.metrics import package_version
 
 _JSON = "application/json"
@@ -29,11 +30,11 @@ _HEALTH = {
         "status": {"type": "string", "enum": ["healthy", "unavailable"]},
         "model_loaded": {"type": "boolean"},
         "processor_loaded": {"type": "boolean"},
-        "device": {"type": "string"},
+        "device": {"type": ["string", "null"], "description": "null while the model loads"},
         "model_load_time": {"type": ["number", "null"], "description": "seconds"},
         "model": {"type": "string"},
         "adapter": {"type": ["string", "null"]},
-        "dtype": {"type": "string"},
+        "dtype": {"type": ["string", "null"]},
         "warmup_time": {"type": ["number", "null"], "description": "seconds; null until warm"},
         "group": {"type": "string"},
         "in_group": {"type": "boolean"},
@@ -45,32 +46,20 @@ _HEALTH = {
     "required": ["status", "model_loaded", "processor_loaded", "device", "model_load_time"],
 }
 
-_INFER_RESULT = {
-    "type": "object",
-    "properties": {
-        "description": {"type": "string"},
-        "metadata": {
-            "type": "object",
-            "properties": {
-                "inference_time": {"type": "number", "description": "seconds from request to description"},
-                "generation_time": {"type": "number", "description": "this image's share of its model call"},
-                "image_size": {"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 2},
-                "model": {"type": "string"},
-                "device": {"type": "string"},
-                "adapter": {"type": ["string", "null"]},
-                "output_tokens": {"type": "integer"},
-            },
-            "required": ["inference_time", "generation_time", "image_size", "model", "device"],
-        },
-    },
-    "required": ["description", "metadata"],
-}
+# The /infer answer's schema comes from the model that builds the answer, so the two cannot drift.
+_INFER_RESULT = InferResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+_COMPONENTS = _INFER_RESULT.pop("$defs", {})
 
 
 def openapi_document(infer_enabled: bool) -> dict[str, Any]:
     """The OpenAPI 3.1 description of the side server as configured (POST /infer only when enabled)."""
     paths: dict[str, Any] = {
-        "/": {"get": {"summary": "Service information", "responses": {"200": _json_response("topics, model, endpoints", {"type": "object"})}}},
+        "/": {
+            "get": {
+                "summary": "Service information",
+                "responses": {"200": _json_response("topics, model, endpoints", {"type": "object"})},
+            }
+        },
         "/health": {
             "get": {
                 "summary": "Readiness: 200 when the model is loaded and warmed and the consumer is in its group",
@@ -92,11 +81,20 @@ def openapi_document(infer_enabled: bool) -> dict[str, Any]:
         "/metrics": {
             "get": {
                 "summary": "Prometheus metrics (text exposition format)",
-                "responses": {"200": {"description": "metrics", "content": {"text/plain": {"schema": {"type": "string"}}}}},
+                "responses": {
+                    "200": {"description": "metrics", "content": {"text/plain": {"schema": {"type": "string"}}}}
+                },
             }
         },
-        "/openapi.json": {"get": {"summary": "This document", "responses": {"200": _json_response("OpenAPI 3.1", {"type": "object"})}}},
-        "/docs": {"get": {"summary": "This document as a page", "responses": {"200": {"description": "HTML", "content": {"text/html": {}}}}}},
+        "/openapi.json": {
+            "get": {"summary": "This document", "responses": {"200": _json_response("OpenAPI 3.1", {"type": "object"})}}
+        },
+        "/docs": {
+            "get": {
+                "summary": "This document as a page",
+                "responses": {"200": {"description": "HTML", "content": {"text/html": {}}}},
+            }
+        },
     }
     if infer_enabled:
         paths["/infer"] = {
@@ -123,7 +121,7 @@ def openapi_document(infer_enabled: bool) -> dict[str, Any]:
                 },
             }
         }
-    return {
+    document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {
             "title": "diagram-consumer side server",
@@ -132,6 +130,9 @@ def openapi_document(infer_enabled: bool) -> dict[str, Any]:
         },
         "paths": paths,
     }
+    if infer_enabled:
+        document["components"] = {"schemas": _COMPONENTS}
+    return document
 
 
 DOCS_HTML = """<!doctype html>

@@ -8,10 +8,20 @@ import io
 from PIL import Image, ImageDraw
 
 PROCESSES = [
-    [("Submit request", "Employee"), ("Review request", "Manager"), ("Approve budget", "Finance"), ("Notify", "System")],
+    [
+        ("Submit request", "Employee"),
+        ("Review request", "Manager"),
+        ("Approve budget", "Finance"),
+        ("Notify", "System"),
+    ],
     [("Start of process", "System"), ("Fill in form", "Client"), ("Check documents", "Clerk"), ("Archive", "System")],
-    [("Receive order", "Sales"), ("Pick items", "Warehouse"), ("Pack", "Warehouse"), ("Ship", "Courier"),
-     ("Invoice", "Finance")],
+    [
+        ("Receive order", "Sales"),
+        ("Pick items", "Warehouse"),
+        ("Pack", "Warehouse"),
+        ("Ship", "Courier"),
+        ("Invoice", "Finance"),
+    ],
     [("Report incident", "User"), ("Triage", "Support"), ("Fix", "Engineer"), ("Verify", "Support")],
 ]
 
@@ -37,7 +47,7 @@ def draw_diagram(steps: list[tuple[str, str]], size: tuple[int, int] = (1024, 76
         draw.rounded_rectangle(box, radius=10, outline=(20, 60, 160), width=3, fill=(225, 235, 255))
         draw.text((box[0] + 8, box[1] + 22), f"{index + 1}. {label}", fill=(0, 0, 0))
         centers.append(((box[0] + box[2]) / 2, (box[1] + box[3]) / 2, box))
-    for (_, _, a), (_, _, b) in zip(centers, centers[1:]):
+    for (_, _, a), (_, _, b) in zip(centers, centers[1:], strict=False):
         start = (a[2], (a[1] + a[3]) / 2)
         end = (b[0], (b[1] + b[3]) / 2)
         draw.line([start, end], fill=(0, 0, 0), width=2)

@@ -1,0 +1,164 @@
+"""The Kafka clients: their configuration beyond Settings, statistics and logs wired in, and errors.
+
+Constructors here make no network call except `fit_to_topic_limits`, which asks the brokers once at
+start for the output topics' record size limits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from typing import Any, Callable
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
+
+from consumer.logs import kafka_client_logger
+from consumer.metrics import Metrics
+from consumer.settings import Settings
+from consumer.stages.base import FatalLatch
+from consumer.state import ServiceState
+
+logger = logging.getLogger(__name__)
+
+STATS_INTERVAL_MS = 5000
+"""librdkafka statistics (consumer lag per partition, broker states) every this often, unless
+KAFKA_STATISTICS_INTERVAL_MS says otherwise. Emitting them costs one JSON document per interval."""
+ERROR_LOG_INTERVAL_S = 30.0
+"""librdkafka repeats a connection error every few milliseconds while a broker is down."""
+# Room left under a topic's max.message.bytes for the record batch's own framing (61 bytes of
+# header, up to about 20 bytes and the headers per record).
+TOPIC_LIMIT_MARGIN = 1024
+LIBRDKAFKA_BATCH_SIZE = 1_000_000
+"""librdkafka's default batch.size."""
+
+ConsumerFactory = Callable[[dict[str, Any]], Consumer]
+ProducerFactory = Callable[[dict[str, Any]], Producer]
+
+
+def transactional_id(settings: Settings) -> str:
+    """TRANSACTIONAL_ID if set; else `<group>-<group.instance.id>` under static membership; else
+    `<group>-<hostname>-<pid>`: unique among live replicas, and the same again when a container
+    restarts in its pod (hostname and pid 1 kept), so the new instance fences the old one and aborts
+    its open transaction at once instead of after transaction.timeout.ms. Zombies of a rebalance are
+    fenced by the group generation in `send_offsets_to_transaction` (KIP-447), whatever the id."""
+    if settings.transactional_id:
+        return settings.transactional_id
+    instance = settings.kafka_extra.get("group.instance.id")
+    if instance:
+        return f"{settings.kafka_group_id}-{instance}"
+    return f"{settings.kafka_group_id}-{socket.gethostname()}-{os.getpid()}"
+
+
+def producer_config(settings: Settings) -> dict[str, Any]:
+    """The producer's librdkafka config for the chosen guarantee."""
+    config = settings.producer_config()
+    if settings.processing_guarantee == "exactly_once":
+        config["transactional.id"] = transactional_id(settings)
+    return config
+
+
+def fit_to_topic_limits(config: dict[str, Any], topics: list[str], timeout: float = 10.0) -> dict[str, Any]:
+    """`config` with the producer's batch.size lowered under what every one of `topics` accepts.
+
+    The broker refuses a whole record batch when it exceeds the topic's max.message.bytes, so one
+    oversized result would take the small results batched with it down too. librdkafka never adds a
+    record to a batch past batch.size, so with batch.size under the limit a batch of several records
+    always fits, and an oversized record travels alone: the broker refuses it and nothing else, and
+    its fallback (a dead letter) settles its input. The topics' configs are read once, here; where
+    they cannot be read (broker down, no DescribeConfigs permission, topic not created yet) `config`
+    is returned as it is.
+    """
+    from confluent_kafka.admin import AdminClient
+    from confluent_kafka.admin._config import ConfigResource
+    from confluent_kafka.admin._resource import ResourceType
+
+    # Connection and security settings only: an admin client with the idempotence or transactional.id
+    # of the producer would register as a producer with the broker.
+    not_for_admin = {"error_cb", "enable.idempotence", "transactional.id", "acks", "linger.ms", "compression.type"}
+    admin_config: dict[str, Any] = {key: value for key, value in config.items() if key not in not_for_admin}
+    admin_config["logger"] = kafka_client_logger("librdkafka.admin")
+    admin = AdminClient(admin_config)
+    futures = admin.describe_configs(
+        [ConfigResource(ResourceType.TOPIC, topic) for topic in topics], request_timeout=timeout
+    )
+    limits: dict[str, int] = {}
+    for resource, future in futures.items():
+        topic = resource.name
+        try:
+            limits[topic] = int(future.result(timeout)["max.message.bytes"].value)
+        except Exception as exc:  # noqa: BLE001 - any failure leaves the producer's batch.size as it is
+            logger.warning(
+                "cannot read max.message.bytes of %s (%s): if it is under batch.size, one record the "
+                "broker refuses as too large takes the records batched with it down too",
+                topic,
+                exc,
+            )
+    if not limits:
+        return config
+    batch_size = max(1, min(limits.values()) - TOPIC_LIMIT_MARGIN)
+    if batch_size >= int(config.get("batch.size", LIBRDKAFKA_BATCH_SIZE)):
+        return config
+    logger.info(
+        "topics accept record batches up to %s bytes (max.message.bytes): producer batch.size=%d",
+        ", ".join(f"{topic} {limit}" for topic, limit in limits.items()),
+        batch_size,
+    )
+    return {**config, "batch.size": batch_size}
+
+
+class KafkaErrors:
+    """The clients' `error_cb`: broker outages go to /health, fatal errors trip the latch, and each kind
+    of error is logged at most once per ERROR_LOG_INTERVAL_S."""
+
+    def __init__(self, state: ServiceState, latch: FatalLatch) -> None:
+        self.state, self.latch = state, latch
+        self._logged: dict[int, float] = {}
+
+    def __call__(self, error: KafkaError) -> None:
+        if error.code() == KafkaError._ALL_BROKERS_DOWN:
+            # Back to True when librdkafka's statistics show a broker up again (observed_consumer_factory).
+            # Not on a single _TRANSPORT error: brokers close idle connections, and that is no outage.
+            self.state.broker_ok = False
+        if error.fatal():
+            self.latch.trip(KafkaException(error))
+        self.log("kafka: %s", error)
+
+    def log(self, text: str, error: KafkaError) -> None:
+        now = time.monotonic()
+        if now - self._logged.get(error.code(), -ERROR_LOG_INTERVAL_S) >= ERROR_LOG_INTERVAL_S:
+            self._logged[error.code()] = now
+            logger.warning(text, error)
+
+
+def observed_consumer_factory(metrics: Metrics, state: ServiceState) -> ConsumerFactory:
+    """Consumers that report lag and broker state (librdkafka statistics) and log through `logging`."""
+
+    def on_stats(document: str) -> None:
+        try:
+            stats = json.loads(document)
+        except ValueError:
+            logger.debug("unreadable librdkafka statistics", exc_info=True)
+            return
+        metrics.observe_consumer_stats(stats)
+        # error_cb marks the broker down when no broker answers; statistics say when it is back,
+        # even while no message arrives to prove it.
+        state.broker_ok = any(broker.get("state") == "UP" for broker in stats.get("brokers", {}).values())
+
+    def build(config: dict[str, Any]) -> Consumer:
+        return Consumer(
+            {
+                "statistics.interval.ms": STATS_INTERVAL_MS,
+                **config,
+                "stats_cb": on_stats,
+                "logger": kafka_client_logger("librdkafka.consumer"),
+            }
+        )
+
+    return build
+
+
+def observed_producer_factory() -> ProducerFactory:
+    return lambda config: Producer({**config, "logger": kafka_client_logger("librdkafka.producer")})

@@ -1,0 +1,89 @@
+"""An event's image reference to a decoded, bounded image: fetch or read the bytes, then decode them."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from PIL import Image
+
+from consumer.events import ImageRef
+from consumer.images.decode import decode_image
+from consumer.images.local import decode_base64, read_path
+from consumer.images.url import UrlFetcher
+
+if TYPE_CHECKING:
+    from consumer.engine.base import ImageFeatures
+    from consumer.settings import Settings
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    image: Image.Image | None
+    """The decoded image; None once `prepared` holds all the engine needs (see `with_prepared`)."""
+    source_bytes: int
+    fetch_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    prepared: ImageFeatures | None = None
+    """The engine's `prepare_image` output, filled in on the fetch thread (see engine/base.py)."""
+    decoded_size: tuple[int, int] | None = None
+    """The decoded image's (width, height), kept when the image itself is let go."""
+
+    @property
+    def size(self) -> tuple[int, int]:
+        if self.decoded_size is not None:
+            return self.decoded_size
+        assert self.image is not None, "a LoadedImage holds its image or its decoded size"
+        return self.image.size
+
+    def with_prepared(self, prepared: ImageFeatures | None) -> LoadedImage:
+        """This image with the engine's preprocessing. Once that exists the decoded pixels are let go:
+        an event can wait a whole CPU batch for its turn, and MAX_IN_FLIGHT images at
+        IMAGE_MAX_DECODED_PIXELS would hold gigabytes (40 Mpx of RGB is 120 MB)."""
+        if prepared is None:
+            return self
+        return replace(self, image=None, prepared=prepared, decoded_size=self.size)
+
+
+class ImageResolver:
+    """Turns an `ImageRef` into a `LoadedImage`, within the limits of `Settings`. Thread-safe."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.image_root = settings.image_root.resolve() if settings.image_root else None
+        self.fetcher = UrlFetcher(settings.image_max_bytes, settings.image_fetch_timeout, settings.image_allowed_hosts)
+        # Pillow only warns between MAX_IMAGE_PIXELS and twice that, and turning the warning into an
+        # error needs warnings.catch_warnings, which is not thread-safe; so its limit is applied here.
+        pillow_limit = Image.MAX_IMAGE_PIXELS or settings.image_max_decoded_pixels
+        self.pixel_limit = min(settings.image_max_decoded_pixels, pillow_limit)
+
+    def resolve(self, ref: ImageRef) -> LoadedImage:
+        """Fetch and decode; raises only `FetchError` or `DecodeError` for a bad reference or image."""
+        started = time.perf_counter()
+        if ref.url is not None:
+            data = self.fetch_url(ref.url)
+        elif ref.path is not None:
+            data = self.read_path(ref.path)
+        else:
+            data = self.decode_base64(ref.base64 or "")
+        fetched = time.perf_counter()
+        image = self.decode(data)
+        return LoadedImage(
+            image=image,
+            source_bytes=len(data),
+            fetch_seconds=fetched - started,
+            decode_seconds=time.perf_counter() - fetched,
+        )
+
+    def fetch_url(self, url: str) -> bytes:
+        return self.fetcher.fetch(url)
+
+    def read_path(self, reference: str) -> bytes:
+        return read_path(reference, self.image_root, self.settings.image_max_bytes)
+
+    def decode_base64(self, text: str) -> bytes:
+        return decode_base64(text, self.settings.image_max_bytes)
+
+    def decode(self, data: bytes) -> Image.Image:
+        return decode_image(data, self.pixel_limit)

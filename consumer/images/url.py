@@ -1,0 +1,344 @@
+"""Image URLs: checked, resolved once, fetched from the checked address within one deadline.
+
+http and https only. The host is resolved once; every address it resolves to must be public (not
+loopback, private, CGNAT, link-local, multicast, reserved or unspecified, v4 or v6, embedded v4 forms
+judged by their v4 part) unless the host is listed in IMAGE_ALLOWED_HOSTS. The connection goes to the
+checked address (no second lookup that DNS rebinding could answer differently), TLS verifies the
+certificate against the URL's host name, each redirect (at most 3) is checked the same way, and
+IMAGE_FETCH_TIMEOUT bounds the whole fetch - connect, headers and a body trickled one byte at a time -
+because a watchdog shuts the socket when it runs out. IMAGE_MAX_BYTES is enforced while streaming.
+"""
+
+from __future__ import annotations
+
+import http.client
+import ipaddress
+import logging
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from urllib.parse import quote, urljoin, urlsplit
+
+import urllib3
+from urllib3.util.ssl_match_hostname import CertificateError as _HostnameMismatch
+
+from consumer.errors import FetchError
+
+logger = logging.getLogger(__name__)
+
+MAX_REDIRECTS = 3
+MAX_URL_CHARS = 8192
+CONNECT_TIMEOUT_S = 5.0
+REDIRECT_STATUSES = (301, 302, 303, 307, 308)
+_CHUNK = 64 * 1024
+# Characters left as they are when a path or query is percent-encoded for the request line: the
+# reserved set plus '%', so an already-encoded URL is sent unchanged and only unsafe ones are encoded.
+_URL_SAFE = "!#$%&'()*+,/:;=?@[]~"
+# NAT64's well-known prefix carries a v4 address in its last 32 bits (RFC 6052).
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+@dataclass(frozen=True)
+class UrlTarget:
+    """A URL taken apart for one request: what to resolve, where to connect, what to send."""
+
+    url: str
+    scheme: str
+    host: str
+    """The host name as DNS, TLS and IMAGE_ALLOWED_HOSTS see it: lower-case, ASCII (IDNA), no brackets."""
+    port: int
+    request_path: str
+    host_header: str
+
+
+def address_is_public(address: str) -> bool:
+    """True for a globally routable unicast address.
+
+    Forms that carry an IPv4 address inside IPv6 (mapped ::ffff:a.b.c.d, 6to4 2002::/16, NAT64
+    64:ff9b::/96) are judged by that IPv4 address, so none of them is a way to reach 127.0.0.1.
+    """
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        elif ip.sixtofour is not None:
+            ip = ip.sixtofour
+        elif ip in _NAT64:
+            ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        elif ip.is_site_local:
+            return False
+    return ip.is_global and not (ip.is_multicast or ip.is_unspecified or ip.is_reserved or ip.is_link_local)
+
+
+def parse_image_url(url: str) -> UrlTarget:
+    """Check and take apart an image URL; every problem is a `FetchError` (`bad_url`/`bad_scheme`)."""
+    shown = url[:200]
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+        hostname = parts.hostname
+    except ValueError as exc:
+        raise FetchError(f"image.url {shown!r} is not a valid URL: {exc}", reason="bad_url") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        hint = " (inline images go in image.base64)" if scheme == "data" else ""
+        raise FetchError(
+            f"image.url must be http:// or https://, got {scheme or 'no'} scheme in {shown!r}{hint}",
+            reason="bad_scheme",
+        )
+    # urlsplit drops tabs and line breaks silently; a request line must not carry them at all.
+    if any(ord(ch) <= 0x20 or ord(ch) == 0x7F for ch in url):
+        raise FetchError(
+            f"image.url {shown!r} contains whitespace or control characters; percent-encode them", reason="bad_url"
+        )
+    if len(url) > MAX_URL_CHARS:
+        raise FetchError(f"image.url is {len(url)} characters, over {MAX_URL_CHARS}", reason="bad_url")
+    if not hostname:
+        raise FetchError(f"image.url {shown!r} has no host", reason="bad_url")
+    try:
+        host = hostname if _is_ip(hostname) else hostname.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise FetchError(f"image.url host {hostname[:100]!r} is not a valid host name", reason="bad_url") from None
+    if port == 0:
+        raise FetchError(f"image.url {shown!r} has port 0", reason="bad_url")
+    default_port = 443 if scheme == "https" else 80
+    bracketed = f"[{host}]" if ":" in host else host
+    request_path = quote(parts.path or "/", safe=_URL_SAFE)
+    if parts.query:
+        request_path += "?" + quote(parts.query, safe=_URL_SAFE)
+    return UrlTarget(
+        url=url,
+        scheme=scheme,
+        host=host.lower(),
+        port=port or default_port,
+        request_path=request_path,
+        host_header=bracketed if port is None else f"{bracketed}:{port}",
+    )
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
+
+
+class _Deadline:
+    """The whole fetch's time budget. When it runs out, the socket being read is shut down, which
+    wakes a blocked read at once however slowly the server is trickling bytes."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.expires_at = time.monotonic() + seconds
+        self.expired = False
+        self._lock = threading.Lock()
+        self._connection: http.client.HTTPConnection | None = None
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+
+    def remaining(self) -> float:
+        return max(self.expires_at - time.monotonic(), 0.001)
+
+    def watch(self, connection: http.client.HTTPConnection | None) -> None:
+        with self._lock:
+            self._connection = connection
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            sock = getattr(self._connection, "sock", None)
+        if sock is not None:
+            try:
+                # The plain socket method: SSLSocket.shutdown would also drop its TLS state under
+                # the reading thread's feet.
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+class UrlFetcher:
+    """GETs image URLs within the limits it is given. Thread-safe."""
+
+    def __init__(self, max_bytes: int, fetch_timeout: float, allowed_hosts: frozenset[str]) -> None:
+        self.max_bytes = max_bytes
+        self.fetch_timeout = fetch_timeout
+        self.allowed_hosts = allowed_hosts
+
+    def fetch(self, url: str) -> bytes:
+        """GET the image, following at most MAX_REDIRECTS redirects, each one checked like the first."""
+        first_url = url
+        with _Deadline(self.fetch_timeout) as deadline:
+            for hop in range(MAX_REDIRECTS + 1):
+                try:
+                    location = self._fetch_once(url, deadline)
+                except FetchError as error:
+                    if hop:
+                        error.message = f"{error.message} (reached by redirect from {first_url[:200]})"
+                        error.args = (error.message,)
+                    raise
+                if isinstance(location, bytes):
+                    return location
+                url = location
+        raise FetchError(f"more than {MAX_REDIRECTS} redirects fetching {first_url[:200]}", reason="too_many_redirects")
+
+    def _fetch_once(self, url: str, deadline: _Deadline) -> bytes | str:
+        """One request: the body, or the absolute URL a redirect points to."""
+        target = parse_image_url(url)
+        addresses = self._checked_addresses(target)
+        connection = None
+        try:
+            connection = self._connect(target, addresses, deadline)
+            connection.request(
+                "GET",
+                target.request_path,
+                headers={
+                    "Host": target.host_header,
+                    "Accept": "image/*",
+                    "Accept-Encoding": "identity",
+                    "User-Agent": "diagram-consumer",
+                },
+                preload_content=False,
+                decode_content=False,
+            )
+            response = connection.getresponse()
+            if response.status in REDIRECT_STATUSES and response.headers.get("Location"):
+                return urljoin(url, response.headers["Location"])
+            if response.status >= 400:
+                retryable = response.status >= 500 or response.status in (408, 429)
+                raise FetchError(
+                    f"image URL {url[:200]} answered HTTP {response.status}",
+                    reason=f"http_{response.status}",
+                    retryable=retryable,
+                )
+            body = self._read_body(target, response)
+            if deadline.expired:  # the watchdog ended the body early: it is cut short, not complete
+                raise self._timeout(target)
+            return body
+        except FetchError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - http.client, ssl and urllib3 raise a zoo; each maps below
+            raise self._network_error(target, exc, deadline) from None
+        finally:
+            deadline.watch(None)
+            if connection is not None:
+                connection.close()
+
+    def _checked_addresses(self, target: UrlTarget) -> list[str]:
+        """Resolve the host once; refuse it if any address is not public, unless the host is allowed."""
+        try:
+            infos = socket.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise FetchError(
+                f"cannot resolve image host {target.host!r}: {exc.strerror}",
+                reason="dns",
+                retryable=exc.errno == socket.EAI_AGAIN,
+            ) from None
+        except (UnicodeError, ValueError, OSError) as exc:
+            raise FetchError(f"cannot resolve image host {target.host!r}: {exc}", reason="dns") from None
+        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        if target.host not in self.allowed_hosts:
+            private = [address for address in addresses if not address_is_public(address)]
+            if private:
+                raise FetchError(
+                    f"image host {target.host!r} resolves to a non-public address ({private[0]}); "
+                    "add it to IMAGE_ALLOWED_HOSTS if it is a trusted internal image server",
+                    reason="forbidden_address",
+                )
+        return addresses
+
+    def _connect(
+        self, target: UrlTarget, addresses: list[str], deadline: _Deadline
+    ) -> urllib3.connection.HTTPConnection:
+        """Connect to the first checked address that answers; TLS checks the URL's host name."""
+        last_error: Exception | None = None
+        for address in addresses:
+            timeout = min(deadline.remaining(), CONNECT_TIMEOUT_S)
+            connection: urllib3.connection.HTTPConnection
+            if target.scheme == "https":
+                connection = urllib3.connection.HTTPSConnection(
+                    address,
+                    target.port,
+                    timeout=timeout,
+                    cert_reqs="CERT_REQUIRED",
+                    server_hostname=target.host,
+                    assert_hostname=target.host,
+                )
+            else:
+                connection = urllib3.connection.HTTPConnection(address, target.port, timeout=timeout)
+            deadline.watch(connection)
+            try:
+                connection.connect()
+            except (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError) as exc:
+                connection.close()
+                last_error = exc
+                if deadline.expired:
+                    break
+                continue  # the next checked address, as a browser would
+            except (ssl.SSLError, ssl.CertificateError, urllib3.exceptions.SSLError, _HostnameMismatch) as exc:
+                connection.close()
+                if deadline.expired:
+                    raise self._timeout(target) from None
+                raise FetchError(
+                    f"TLS with image host {target.host!r} failed (its certificate must be valid for that "
+                    f"name and trusted by this service): {exc}"[:500],
+                    reason="tls",
+                ) from None
+            if connection.sock is not None:
+                connection.sock.settimeout(deadline.remaining())
+            if deadline.expired:
+                connection.close()
+                raise self._timeout(target)
+            return connection
+        raise self._network_error(target, last_error or OSError("no address to connect to"), deadline)
+
+    def _read_body(self, target: UrlTarget, response: urllib3.BaseHTTPResponse) -> bytes:
+        limit = self.max_bytes
+        declared = response.headers.get("Content-Length", "")
+        if declared.isascii() and declared.isdigit() and int(declared) > limit:
+            raise FetchError(
+                f"image at {target.url[:200]} is {declared} bytes (Content-Length), over IMAGE_MAX_BYTES={limit}",
+                reason="too_large",
+            )
+        body = bytearray()
+        for chunk in response.stream(_CHUNK, decode_content=False):
+            body += chunk
+            if len(body) > limit:  # whatever Content-Length said
+                raise FetchError(
+                    f"image at {target.url[:200]} is over IMAGE_MAX_BYTES={limit} bytes", reason="too_large"
+                )
+        return bytes(body)
+
+    def _timeout(self, target: UrlTarget) -> FetchError:
+        return FetchError(
+            f"fetching {target.url[:200]} took over IMAGE_FETCH_TIMEOUT={self.fetch_timeout:g} s",
+            reason="timeout",
+            retryable=True,
+        )
+
+    def _network_error(self, target: UrlTarget, exc: BaseException, deadline: _Deadline) -> FetchError:
+        """Map what the HTTP stack raised to a FetchError; a watchdog shutdown reads as a timeout."""
+        if deadline.expired or isinstance(exc, (TimeoutError, urllib3.exceptions.TimeoutError)):
+            return self._timeout(target)
+        if isinstance(exc, http.client.HTTPException) and not isinstance(exc, ConnectionError):
+            # Lines over 64 KiB, more than 100 headers, a status line that is not HTTP.
+            return FetchError(
+                f"image host {target.host!r} sent a malformed HTTP response: {type(exc).__name__}: {exc}"[:500],
+                reason="bad_response",
+            )
+        if isinstance(exc, (OSError, urllib3.exceptions.HTTPError, http.client.HTTPException)):
+            return FetchError(
+                f"connection to image host {target.host!r} failed: {exc}"[:500], reason="connection", retryable=True
+            )
+        logger.warning("unexpected %s fetching %s: %s", type(exc).__name__, target.url[:200], exc)
+        message = f"fetching {target.url[:200]} failed: {type(exc).__name__}: {exc}"
+        return FetchError(message[:500], reason="bad_response")

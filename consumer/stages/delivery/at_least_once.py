@@ -1,0 +1,143 @@
+"""At-least-once (the default): each input offset is committed once the broker has acknowledged its
+result or dead letter.
+
+Each record is produced with a delivery callback, and its input offset is marked done only when the
+broker has acknowledged it. The poll thread commits, per partition, the offset below which everything
+is done (`OffsetTracker`), asynchronously and often. A record the producer cannot deliver within
+`message.timeout.ms` is fatal: the service stops without committing its input, and another member
+redoes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
+
+from consumer.offsets import TopicPartitionKey
+from consumer.stages.base import OutgoingRecord
+from consumer.stages.delivery.base import PRODUCER_LIMIT, REBALANCE_ERRORS, DeliveryBase, TooLarge, topic_limit
+
+logger = logging.getLogger(__name__)
+
+COMMIT_INTERVAL_S = 0.5
+"""How often the poll thread commits what has been acknowledged."""
+REVOKE_FLUSH_S = 5.0
+"""How long a revocation waits for acknowledgements of results already produced."""
+
+
+class AtLeastOnce(DeliveryBase):
+    """Produce with delivery callbacks; the poll thread commits what the broker acknowledged."""
+
+    _last_commit = 0.0
+
+    def start(self, stopping: threading.Event) -> None:
+        return None
+
+    def rebalanced(self) -> None:
+        return None
+
+    def submit(self, records: list[OutgoingRecord]) -> None:
+        for record in records:
+            if self._send(record) is record:
+                record.log_produced()
+
+    def poll(self, timeout: float = 0.0) -> None:
+        self.producer.poll(timeout)
+        self.tick()
+
+    def _send(self, record: OutgoingRecord) -> OutgoingRecord | None:
+        if not self.tracker.is_current(record.source_tp, record.epoch):
+            return None
+        try:
+            self._produce(record, self._on_delivery(record))
+        except TooLarge:
+            assert record.fallback is not None
+            return self._send(record.fallback(PRODUCER_LIMIT))
+        return record
+
+    def _on_delivery(self, record: OutgoingRecord) -> Callable[[KafkaError | None, Message], None]:
+        tp, offset, epoch = record.source_tp, record.source.offset, record.epoch
+        produced_at = time.monotonic()  # the handler is made just before its produce() call
+
+        def on_delivery(error: KafkaError | None, _published: Message) -> None:
+            if error is not None and error.code() == KafkaError.MSG_SIZE_TOO_LARGE and record.fallback is not None:
+                logger.warning("broker refused %s for %s[%d]@%d as too large", record.outcome, tp[0], tp[1], offset)
+                self._send(record.fallback(topic_limit(record.topic)))  # settles the input instead
+                return
+            if error is not None:
+                # The producer already retried for message.timeout.ms: this input must not be
+                # committed, and this member stops so that another one takes the partition over.
+                logger.error("could not publish %s for %s[%d]@%d: %s", record.outcome, tp[0], tp[1], offset, error)
+                self.latch.trip(KafkaException(error))
+                return
+            if self.tracker.done(tp, offset, epoch):
+                self._count(record, produced_at)
+
+        return on_delivery
+
+    def tick(self) -> None:
+        if time.monotonic() - self._last_commit >= COMMIT_INTERVAL_S:
+            self.commit()
+
+    def commit(self, tps: list[TopicPartitionKey] | None = None, wait: bool = False) -> bool:
+        """Commit what is done. Asynchronous unless `wait`: a synchronous commit blocks the poll
+        loop for up to session.timeout.ms while the coordinator is unreachable."""
+        self._last_commit = time.monotonic()
+        if self.latch.tripped():
+            return False  # after an unhandled error nothing more is committed
+        points = self.tracker.commit_points(tps)
+        if not points:
+            return True
+        offsets = [TopicPartition(topic, partition, offset) for (topic, partition), offset in points.items()]
+        try:
+            if wait:
+                answered = self.consumer.commit(offsets=offsets, asynchronous=False) or []
+                refused = [(p.topic, p.partition) for p in answered if p.error is not None]
+                if refused:
+                    self.tracker.commit_failed(refused)
+                    logger.warning("commit refused for %s", refused)
+                    return False
+            else:
+                self.consumer.commit(offsets=offsets, asynchronous=True)
+        except KafkaException as exc:
+            logger.warning("commit failed (will retry): %s", exc.args[0])
+            return False
+        self._committed(points)
+        return True
+
+    def on_commit(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        refused = [p for p in partitions if error is not None or p.error is not None]
+        if refused:
+            self.tracker.commit_failed([(p.topic, p.partition) for p in refused])  # committed again next tick
+            cause = error or refused[0].error
+            # A commit sent just before a rebalance carries the old generation: expected, and retried.
+            level = logging.INFO if cause is not None and cause.code() in REBALANCE_ERRORS else logging.WARNING
+            logger.log(
+                level,
+                "offset commit failed for %s (will retry): %s",
+                [f"{p.topic}[{p.partition}]" for p in refused],
+                cause,
+            )
+
+    @contextmanager
+    def revoking(self, tps: list[TopicPartitionKey], broker_ok: bool, lost: bool = False) -> Iterator[None]:
+        if not self.latch.tripped() and not lost:
+            self.producer.flush(REVOKE_FLUSH_S)  # results already produced get acknowledged...
+            self.commit(tps, wait=broker_ok)  # ...and their inputs committed before the partitions go
+        yield
+
+    def join(self, timeout: float) -> bool:
+        unsent = self.producer.flush(max(timeout, 0.5))
+        if unsent:
+            logger.warning("%d records were not acknowledged before the shutdown deadline", unsent)
+        if self.latch.tripped():
+            return False
+        if not self.state.broker_ok:
+            logger.warning("broker unreachable at shutdown: the last offsets are not committed")
+            return False
+        return self.commit(wait=True) and unsent == 0

@@ -1,0 +1,145 @@
+"""Infer: events batched, described by the model on one thread, and handed on as outcomes.
+
+A batch is up to BATCH_SIZE events, or what arrived within BATCH_MAX_WAIT_MS of the first. Events
+whose image failed (or that failed to parse) become `Failed` outcomes, to be dead-lettered; the rest
+are generated together. If a batch's `generate` fails, each event is tried alone, so one bad event (a
+poison message) is dead-lettered and the others still get their results. Events of a partition that
+was revoked or rewound meanwhile are dropped: the partition's owner reads them again.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import CancelledError
+
+from consumer.engine.base import GenerationRequest, Generator
+from consumer.errors import InferError, ProcessingError
+from consumer.images import LoadedImage
+from consumer.metrics import Metrics
+from consumer.offsets import OffsetTracker
+from consumer.settings import Settings
+from consumer.stages.base import Described, Failed, FatalLatch, Outcome, Stage, WorkItem
+
+logger = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+class Infer:
+    """Runs its own thread (`start`); `submit` only queues."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        batch_size: int,
+        tracker: OffsetTracker,
+        generator: Generator,
+        metrics: Metrics,
+        latch: FatalLatch,
+        next_stage: Stage[list[Outcome]],
+    ) -> None:
+        self.settings, self.batch_size, self.tracker = settings, batch_size, tracker
+        self.generator, self.metrics, self.latch, self.next = generator, metrics, latch, next_stage
+        self._queue: queue.Queue[WorkItem | object] = queue.Queue()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, item: WorkItem) -> None:
+        self._queue.put(item)  # bounded upstream: resolve refuses records past MAX_IN_FLIGHT
+
+    def poll(self, timeout: float = 0.0) -> None:
+        self.next.poll(timeout)
+
+    def join(self, timeout: float) -> bool:
+        """Finish the batch being generated, start no other (queued events are left uncommitted, for
+        the group to redo); True once the thread is done."""
+        self._stopping.set()
+        self._queue.put(_STOP)  # wake the thread if it is waiting for work
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def close(self) -> None:
+        self._stopping.set()
+        self._queue.put(_STOP)
+
+    # -- the inference thread -----------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while (batch := self._next_batch()) is not None:
+                outcomes = self._describe(batch)
+                if outcomes:
+                    self.next.submit(outcomes)
+        except BaseException as exc:  # noqa: BLE001 - the poll loop must stop, committing nothing more
+            logger.exception("inference thread failed; stopping without committing in-flight work")
+            self.latch.trip(exc)
+
+    def _next_batch(self) -> list[WorkItem] | None:
+        """The next batch, or None when stopping."""
+        first = self._queue.get()
+        if not isinstance(first, WorkItem) or self._stopping.is_set():
+            return None
+        batch = [first]
+        deadline = time.monotonic() + self.settings.batch_max_wait_ms / 1000
+        while len(batch) < self.batch_size:
+            try:
+                item = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
+            except queue.Empty:
+                break
+            if not isinstance(item, WorkItem):
+                self._queue.put(item)
+                break
+            batch.append(item)
+        return None if self._stopping.is_set() else batch
+
+    def _describe(self, batch: list[WorkItem]) -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        ready: list[tuple[WorkItem, LoadedImage]] = []
+        for item in batch:
+            if not self.tracker.is_current(item.tp, item.epoch):
+                continue  # partition revoked or rewound: its owner processes the event again
+            if item.failure is not None:
+                outcomes.append(Failed(item, item.failure))
+                continue
+            assert item.image is not None  # a parsed event has its image on the way
+            try:
+                ready.append((item, item.image.result()))
+            except ProcessingError as error:
+                outcomes.append(Failed(item, error))
+            except CancelledError:
+                continue  # shutting down: left uncommitted
+        if ready:
+            logger.info("generating a batch of %d: %s", len(ready), " ".join(item.describe() for item, _ in ready))
+            outcomes.extend(self._generate(ready))
+        return outcomes
+
+    def _generate(self, ready: list[tuple[WorkItem, LoadedImage]]) -> list[Outcome]:
+        """Outcomes for a batch; if the batch fails, each event alone."""
+        requests = []
+        for item, loaded in ready:
+            assert item.event is not None
+            prompt = item.event.prompt or self.settings.prompt
+            requests.append(GenerationRequest(image=loaded.image, prompt=prompt, prepared=loaded.prepared))
+        try:
+            batch = self.generator.generate(requests)
+        except Exception as exc:  # noqa: BLE001 - one bad image must not sink its batch
+            if len(ready) > 1:
+                logger.warning("batch of %d failed (%s); retrying one by one", len(ready), exc)
+                return [outcome for pair in ready for outcome in self._generate([pair])]
+            error = InferError(f"model failed: {exc}", reason=type(exc).__name__)
+            return [Failed(ready[0][0], error)]
+        preprocess_time = min(batch.preprocess_seconds, batch.seconds)
+        self.metrics.stage_seconds.labels("preprocess").observe(preprocess_time)
+        self.metrics.stage_seconds.labels("generate").observe(batch.seconds - preprocess_time)
+        self.metrics.batch_size.observe(len(ready))
+        share = batch.seconds / len(ready)
+        outcomes: list[Outcome] = []
+        for (item, loaded), generation in zip(ready, batch.generations, strict=True):
+            self.metrics.generated_tokens.inc(generation.output_tokens)
+            outcomes.append(Described(item, loaded, generation, share, len(ready)))
+        return outcomes

@@ -1,9 +1,5 @@
 """Offsets are committed only below work that is fully published, whatever order it finishes in."""
 
-import logging
-import sys
-
-from consumer.logs import RepeatFilter
 from consumer.offsets import OffsetTracker
 
 TP = ("events", 0)
@@ -72,26 +68,3 @@ def test_a_held_partition_refuses_records_and_commits_nothing_until_reassigned()
     assert tracker.commit_points() == {} and tracker.in_flight() == 0
     new_epoch = tracker.assign(TP)
     assert tracker.add(TP, 7) == new_epoch
-
-
-def test_repeated_log_lines_are_let_through_once_per_interval():
-    repeat = RepeatFilter(interval_s=30)
-
-    def record(message: str, created: float) -> logging.LogRecord:
-        entry = logging.makeLogRecord({"msg": message})
-        entry.created = created
-        return entry
-
-    assert repeat.filter(record("connection refused", 100.0))
-    assert not repeat.filter(record("connection refused", 110.0))
-    assert repeat.filter(record("another message", 110.0))
-    assert repeat.filter(record("connection refused", 131.0))
-
-
-def test_offsets_are_never_sent_with_the_metadata_of_a_fenced_member():
-    from consumer.stages.delivery.exactly_once import names_a_member
-
-    member = b"CGMDv2:" + (3).to_bytes(4, sys.byteorder, signed=True) + b"group\x00rdkafka-1234\x00\x01"
-    fenced = b"CGMDv2:" + (-1).to_bytes(4, sys.byteorder, signed=True) + b"group\x00\x00\x01"
-    assert names_a_member(member)
-    assert not names_a_member(fenced)  # the broker would take its offsets without any check

@@ -65,3 +65,18 @@ def test_settings_are_frozen():
     settings = Settings.from_environ({})
     with pytest.raises(ValidationError):
         settings.max_new_tokens = 5
+
+
+def test_kafka_secrets_never_appear_in_the_logged_config():
+    settings = Settings.from_environ(
+        {
+            "KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+            "KAFKA_SASL_USERNAME": "svc",
+            "KAFKA_SASL_PASSWORD": "hunter2",
+            "KAFKA_SSL_KEY_PASSWORD": "keypass",
+            "KAFKA_SSL_KEY_PEM": "-----BEGIN PRIVATE KEY-----abc",
+        }
+    )
+    shown = repr(settings.redacted_kafka_config())
+    assert "svc" in shown
+    assert not any(secret in shown for secret in ("hunter2", "keypass", "BEGIN PRIVATE KEY"))

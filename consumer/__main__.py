@@ -6,6 +6,8 @@ Development tools (demo, local broker, tiny model) are `python -m devtools` in a
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 
 from consumer.logs import configure_logging
@@ -25,5 +27,15 @@ def main(argv: list[str] | None = None) -> int:
     return run_service(settings)
 
 
+def exit_now(code: int) -> None:
+    """End the process once the service has settled its offsets, without joining worker threads: a
+    fetch thread stuck in a slow server or a decoder cannot be stopped, and must not keep the replica
+    alive past its shutdown (the grace period would end in a SIGKILL)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

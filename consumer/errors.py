@@ -7,9 +7,16 @@ short machine-readable reason, and a message a person can act on.
 from __future__ import annotations
 
 from enum import IntEnum
-from typing import Literal
+from typing import Literal, TypeVar
 
-Stage = Literal["parse", "fetch", "decode", "infer", "publish"]
+Stage = Literal["parse", "fetch", "decode", "prepare", "infer", "result", "publish"]
+"""Where an event failed, in the order it passes them: its record parsed, its image fetched and decoded,
+prepared for the model (resize, patchify), described by the model, its result built, published."""
+STAGES: tuple[Stage, ...] = ("parse", "fetch", "decode", "prepare", "infer", "result", "publish")
+
+UNEXPECTED = "unexpected"
+"""The reason of an error the service did not foresee (a bug, or input nobody thought of): the event
+is dead-lettered all the same, with the exception's class in error.class."""
 
 
 class ProcessingError(Exception):
@@ -17,12 +24,24 @@ class ProcessingError(Exception):
 
     stage: Stage = "parse"
 
-    def __init__(self, message: str, *, reason: str = "invalid", retryable: bool = False) -> None:
+    def __init__(
+        self, message: str, *, reason: str = "invalid", retryable: bool = False, error_class: str | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.reason = reason
         self.retryable = retryable
         self.attempts = 1
+        self.error_class = error_class or type(self).__name__
+        """What the dead letter's error.class names: this class, or the unforeseen exception's."""
+
+    @classmethod
+    def unexpected(cls: type[E], exc: BaseException) -> E:
+        """An unforeseen exception while handling one event, as this stage's error (reason `unexpected`)."""
+        return cls(f"unexpected {type(exc).__name__}: {exc}", reason=UNEXPECTED, error_class=type(exc).__name__)
+
+
+E = TypeVar("E", bound=ProcessingError)
 
 
 class ParseError(ProcessingError):
@@ -43,10 +62,22 @@ class DecodeError(ProcessingError):
     stage: Stage = "decode"
 
 
+class PrepareError(ProcessingError):
+    """The engine could not prepare the decoded image for the model (resize, normalise, patchify)."""
+
+    stage: Stage = "prepare"
+
+
 class InferError(ProcessingError):
     """The model failed on this event."""
 
     stage: Stage = "infer"
+
+
+class ResultError(ProcessingError):
+    """The model's answer could not be turned into a result record."""
+
+    stage: Stage = "result"
 
 
 class PublishError(ProcessingError):

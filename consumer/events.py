@@ -11,9 +11,18 @@ whose result can be serialised or a `ParseError` that names the field at fault.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticSerializationError, to_json
 
 from consumer.errors import ParseError, Stage
@@ -123,13 +132,33 @@ class DiagramResult(BaseModel):
     input_metadata: dict[str, Any] | None = None
 
 
+MAX_HEADER_CHARS = 512
+"""A dead-letter header's value is cut to this many characters (error.message: MAX_MESSAGE_CHARS)."""
+MAX_MESSAGE_CHARS = 2000
+
+
+def header_text(text: str, limit: int = MAX_HEADER_CHARS) -> str:
+    """`text` as a Kafka header can always carry it: valid UTF-8 (a lone surrogate or other character
+    that cannot be encoded becomes a backslash escape), at most `limit` characters ("..." marks a cut)."""
+    safe = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return safe if len(safe) <= limit else safe[: limit - 3] + "..."
+
+
 class DeadLetterHeaders(BaseModel):
-    """Headers of a dead-letter record; the record's key and value are the input's, unchanged."""
+    """Headers of a dead-letter record; its key and value are the input's, unchanged, unless a header
+    below says one was left out or replaced to make the dead letter fit.
+
+    Every header is valid UTF-8 and bounded in length whatever the input held, so a dead letter can
+    always be produced."""
 
     model_config = ConfigDict(populate_by_name=True)
 
     error_stage: Stage = Field(alias="error.stage", description="the stage that failed")
-    error_class: str = Field(alias="error.class", description="the exception class, e.g. FetchError")
+    error_class: str = Field(
+        alias="error.class",
+        description="the exception class, e.g. FetchError; for a failure nobody foresaw (error.reason "
+        "`unexpected`), the class of the exception that was raised",
+    )
     error_message: str = Field(alias="error.message", description="what went wrong and what to fix")
     error_reason: str = Field(alias="error.reason", description="short machine-readable reason")
     error_attempts: str = Field(alias="error.attempts", description="how many times processing was tried")
@@ -141,8 +170,22 @@ class DeadLetterHeaders(BaseModel):
         None,
         alias="error.value_omitted",
         description="present when the record's value was left out of the dead letter because it is over "
-        "MAX_EVENT_BYTES: the value's size in bytes (read it from source.topic/partition/offset)",
+        "MAX_EVENT_BYTES or over what the producer or the dead-letter topic accepts: the value's size in bytes "
+        "(read it from source.topic/partition/offset)",
     )
+    error_key_hashed: str | None = Field(
+        None,
+        alias="error.key_hashed",
+        description="present when the record's key was too large to send again: the key's size in bytes; the "
+        "dead letter's key is then the SHA-256 of the original key, in hex",
+    )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _producible(cls, value: Any, info: ValidationInfo) -> Any:
+        if not isinstance(value, str):
+            return value
+        return header_text(value, MAX_MESSAGE_CHARS if info.field_name == "error_message" else MAX_HEADER_CHARS)
 
     def kafka_headers(self) -> list[tuple[str, str | bytes | None]]:
         """The headers as a Kafka record carries them, in field order; absent optional ones left out."""
@@ -179,16 +222,38 @@ def parse_event(value: bytes | None, max_bytes: int | None = None) -> DiagramEve
         raise ParseError(f"invalid event: {problems}", reason="invalid_field") from None
 
 
-def event_id_hint(value: bytes | None) -> str | None:
+_ID_PATTERN = re.compile(rb'"id"\s*:\s*"((?:[^"\\]|\\.){0,512})"')
+ID_HINT_SCAN_BYTES = 65536
+"""How far into a record too large to parse the id is looked for."""
+
+
+def event_id_hint(value: bytes | None, max_bytes: int | None = None) -> str | None:
     """The `id` of a record that failed to parse, when there is one to read: for logs and headers.
 
+    A value over `max_bytes` (MAX_EVENT_BYTES) is not parsed at all: its first ID_HINT_SCAN_BYTES are
+    searched for a string `"id"` instead, so an oversized record costs no more than a small one.
     Always valid UTF-8 and at most 200 characters, so it is safe to put in a Kafka header.
     """
+    if not value:
+        return None
+    if max_bytes is not None and len(value) > max_bytes:
+        match = _ID_PATTERN.search(value, 0, ID_HINT_SCAN_BYTES)
+        if match is None:
+            return None
+        try:
+            hint = json.loads(b'"' + match.group(1) + b'"')
+        except ValueError:
+            return None
+        return header_text(hint, 200) if isinstance(hint, str) else None
     try:
-        document = json.loads(value or b"")
+        document = json.loads(value)
     except (ValueError, RecursionError):
         return None
     if not isinstance(document, dict) or "id" not in document:
         return None
-    hint = document["id"] if isinstance(document["id"], str) else json.dumps(document["id"])[:200]
-    return hint[:200].encode("utf-8", "replace").decode("utf-8")
+    identifier = document["id"]
+    try:
+        hint = identifier if isinstance(identifier, str) else json.dumps(identifier)[:200]
+    except (ValueError, RecursionError):  # nested too deeply to show
+        return None
+    return header_text(hint, 200)

@@ -19,7 +19,8 @@ TopicPartitionKey = tuple[str, int]
 @dataclass
 class _PartitionState:
     epoch: int
-    pending: set[int] = field(default_factory=set)
+    pending: dict[int, int] = field(default_factory=dict)
+    """Offsets in flight, with the bytes each record holds."""
     next_offset: int | None = None  # one past the highest offset seen
     first_offset: int | None = None  # the lowest offset seen in this epoch: where consuming started
     committed: int | None = None
@@ -74,15 +75,16 @@ class OffsetTracker:
             state = self._partitions.get(tp)
             return state is not None and state.epoch == epoch
 
-    def add(self, tp: TopicPartitionKey, offset: int) -> int | None:
-        """Record a polled offset as in flight; returns its epoch, or None if `tp` is held (drop it)."""
+    def add(self, tp: TopicPartitionKey, offset: int, size: int = 0) -> int | None:
+        """Record a polled offset (`size` bytes) as in flight; returns its epoch, or None if `tp` is held
+        (drop it)."""
         with self._lock:
             state = self._partitions.get(tp)
             if state is None:
                 state = self._partitions[tp] = self._new_state()
             if state.held:
                 return None
-            state.pending.add(offset)
+            state.pending[offset] = size
             state.next_offset = max(state.next_offset or 0, offset + 1)
             state.first_offset = offset if state.first_offset is None else min(state.first_offset, offset)
             return state.epoch
@@ -93,12 +95,16 @@ class OffsetTracker:
             state = self._partitions.get(tp)
             if state is None or state.epoch != epoch:
                 return False
-            state.pending.discard(offset)
+            state.pending.pop(offset, None)
             return True
 
     def in_flight(self) -> int:
         with self._lock:
             return sum(len(state.pending) for state in self._partitions.values())
+
+    def in_flight_bytes(self) -> int:
+        with self._lock:
+            return sum(sum(state.pending.values()) for state in self._partitions.values())
 
     def in_flight_for(self, tps: list[TopicPartitionKey]) -> int:
         with self._lock:

@@ -83,8 +83,16 @@ class Settings(BaseSettings):
     """Input records larger than this are dead-lettered unparsed, their value left out of the dead letter.
     The default is librdkafka's message.max.bytes, the largest record this service's producer sends."""
     max_in_flight: int = Field(64, ge=1)
-    """Events polled but not yet published; when full, partitions are paused (polling goes on)."""
+    """Events polled but not yet published; when full, no record is taken and, after 2 s, the partitions
+    are paused (polling goes on)."""
+    max_in_flight_bytes: int = Field(256 * 1024 * 1024, ge=1)
+    """The same window in bytes of input records (key and value): inline images are up to
+    MAX_EVENT_BYTES each, so 64 events of them could hold 64 MB before any image is decoded."""
     shutdown_timeout: float = Field(30.0, gt=0)
+    """SIGTERM: how long the batch being generated may take to finish and be published and committed."""
+    revoke_timeout: float = Field(30.0, gt=0)
+    """exactly_once: how long a revocation waits for the transaction in progress to end (less during
+    shutdown: what is left of SHUTDOWN_TIMEOUT)."""
     processing_guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
     """exactly_once: results, dead letters and input offsets committed in one Kafka transaction per batch."""
     transactional_id: str | None = None

@@ -61,12 +61,7 @@ class ImageResolver:
     def resolve(self, ref: ImageRef) -> LoadedImage:
         """Fetch and decode; raises only `FetchError` or `DecodeError` for a bad reference or image."""
         started = time.perf_counter()
-        if ref.url is not None:
-            data = self.fetch_url(ref.url)
-        elif ref.path is not None:
-            data = self.read_path(ref.path)
-        else:
-            data = self.decode_base64(ref.base64 or "")
+        data = self.fetch(ref)
         fetched = time.perf_counter()
         image = self.decode(data)
         return LoadedImage(
@@ -75,6 +70,14 @@ class ImageResolver:
             fetch_seconds=fetched - started,
             decode_seconds=time.perf_counter() - fetched,
         )
+
+    def fetch(self, ref: ImageRef) -> bytes:
+        """The image's bytes, from wherever `ref` says; raises `FetchError` for a reference it refuses."""
+        if ref.url is not None:
+            return self.fetch_url(ref.url)
+        if ref.path is not None:
+            return self.read_path(ref.path)
+        return self.decode_base64(ref.base64 or "")
 
     def fetch_url(self, url: str) -> bytes:
         return self.fetcher.fetch(url)

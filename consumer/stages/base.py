@@ -33,6 +33,14 @@ logger = logging.getLogger(__name__)
 
 T_contra = TypeVar("T_contra", contravariant=True)
 
+TOO_LARGE = "too large for "
+"""How a refusal for size begins (see `OutgoingRecord.fallback`)."""
+PRODUCER_LIMIT = TOO_LARGE + "the producer's message.max.bytes"
+
+
+def topic_limit(topic: str) -> str:
+    return f"{TOO_LARGE}what {topic} accepts (max.message.bytes)"
+
 
 class MessageRejected(Exception):
     """A stage cannot take this work now: keep it, and offer it again later (back-pressure)."""
@@ -162,8 +170,8 @@ class OutgoingRecord:
     log_fields: dict[str, Any] = field(default_factory=dict)
     """What the per-event log line reports besides the source (timings, tokens, batch size)."""
     fallback: Callable[[str], OutgoingRecord] | None = None
-    """What settles the input instead when this record is too large to publish; called with who
-    refused it (the producer's message.max.bytes, or the topic's max.message.bytes)."""
+    """What settles the input instead when this record cannot be published as it is; called with why
+    (PRODUCER_LIMIT or `topic_limit(...)` when it is too large, the producer's error otherwise)."""
 
     @property
     def source_tp(self) -> TopicPartitionKey:

@@ -16,7 +16,7 @@ import time
 from concurrent.futures import CancelledError
 
 from consumer.engine.base import GenerationRequest, Generator
-from consumer.errors import InferError, ProcessingError
+from consumer.errors import FetchError, InferError, ProcessingError
 from consumer.images import LoadedImage
 from consumer.metrics import Metrics
 from consumer.offsets import OffsetTracker
@@ -112,7 +112,9 @@ class Infer:
             except ProcessingError as error:
                 outcomes.append(Failed(item, error))
             except CancelledError:
-                continue  # shutting down: left uncommitted
+                continue  # shutting down, or its partition moved on: left uncommitted
+            except Exception as exc:  # noqa: BLE001 - resolve raises ProcessingError; anything else is still one event's
+                outcomes.append(Failed(item, FetchError.unexpected(exc)))
         if ready:
             logger.info("generating a batch of %d: %s", len(ready), " ".join(item.describe() for item, _ in ready))
             outcomes.extend(self._generate(ready))

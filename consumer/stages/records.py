@@ -2,26 +2,32 @@
 
 Both are built from the contracts in consumer/events.py: a `DiagramResult` as the result's value, a
 `DeadLetterHeaders` as the dead letter's headers (the dead letter's key and value are the input's).
-Every record carries its fallback for when it is too large to publish: a result becomes a dead letter
-(`publish`/`too_large`), a dead letter loses its value (header `error.value_omitted`).
+A result that cannot be built (say, an id the JSON encoder refuses) is dead-lettered at the `result`
+stage. Every record carries its fallback for when it cannot be published as it is (too large, or
+refused by the producer): a result becomes a dead letter (`publish`), and a dead letter degrades step
+by step until it fits: its value left out (header `error.value_omitted`), then its key replaced by the
+key's SHA-256 (header `error.key_hashed`). Dead-letter headers are always valid UTF-8 and bounded
+(`events.DeadLetterHeaders`), so the last step always fits a topic that accepts a few kilobytes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 
 from consumer.engine.base import EngineInfo
-from consumer.errors import ProcessingError, PublishError
+from consumer.errors import ProcessingError, PublishError, ResultError
 from consumer.events import DeadLetterHeaders, DiagramResult, ResultMetadata, Source
 from consumer.logs import event_fields
 from consumer.metrics import Metrics
 from consumer.settings import Settings
-from consumer.stages.base import Described, Failed, InputRecord, Outcome, OutgoingRecord, Stage
+from consumer.stages.base import TOO_LARGE, Described, Failed, InputRecord, Outcome, OutgoingRecord, Stage
 
 logger = logging.getLogger(__name__)
 
-MAX_ERROR_MESSAGE_CHARS = 2000
+# How far a dead letter has been cut down to fit: nothing, its value left out, its key hashed too.
+FULL, VALUE_OMITTED, KEY_HASHED = 0, 1, 2
 
 
 class Records:
@@ -37,7 +43,12 @@ class Records:
                 item = outcome.item
                 records.append(self.dead_letter(item.record, item.epoch, outcome.error, item.event_id))
             else:
-                records.append(self.result(outcome))
+                try:
+                    records.append(self.result(outcome))
+                except Exception as exc:  # noqa: BLE001 - one event's result must not stop the partition
+                    item = outcome.item
+                    error = ResultError.unexpected(exc)
+                    records.append(self.dead_letter(item.record, item.epoch, error, item.event_id))
         self.next.submit(records)
 
     def poll(self, timeout: float = 0.0) -> None:
@@ -73,8 +84,9 @@ class Records:
         value = result.model_dump_json().encode()
         event_id = item.event.id
 
-        def too_large(refused_by: str) -> OutgoingRecord:
-            error = PublishError(f"result is {len(value)} bytes, more than {refused_by}", reason="too_large")
+        def refused(why: str) -> OutgoingRecord:
+            reason = "too_large" if why.startswith(TOO_LARGE) else "refused"
+            error = PublishError(f"the result ({len(value)} bytes) was refused: {why}", reason=reason)
             return self.dead_letter(source, item.epoch, error, event_id)
 
         return OutgoingRecord(
@@ -86,7 +98,7 @@ class Records:
             epoch=item.epoch,
             outcome="ok",
             event_id=event_id,
-            fallback=too_large,
+            fallback=refused,
             log_fields={
                 "inference_time": result.metadata.inference_time,
                 "generation_time": result.metadata.generation_time,
@@ -102,8 +114,8 @@ class Records:
         headers = DeadLetterHeaders.model_validate(
             {
                 "error.stage": error.stage,
-                "error.class": type(error).__name__,
-                "error.message": error.message[:MAX_ERROR_MESSAGE_CHARS],
+                "error.class": error.error_class,
+                "error.message": error.message,
                 "error.reason": error.reason,
                 "error.attempts": str(error.attempts),
                 "source.topic": source.topic,
@@ -115,13 +127,13 @@ class Records:
         self.metrics.failures.labels(error.stage, error.reason).inc()
         logger.warning(
             "dead-lettering id=%s %s: %s failed (%s): %s",
-            event_id,
+            headers.event_id,
             source,
             error.stage,
             error.reason,
-            error.message,
+            headers.error_message,
             extra=event_fields(
-                event_id,
+                headers.event_id,
                 source.topic,
                 source.partition,
                 source.offset,
@@ -132,29 +144,33 @@ class Records:
             ),
         )
         oversized = len(source.value or b"") > self.settings.max_event_bytes
-        return self._dead_letter_record(source, epoch, headers, event_id, omit_value=oversized)
+        return self._dead_letter_record(source, epoch, headers, headers.event_id, VALUE_OMITTED if oversized else FULL)
 
     def _dead_letter_record(
-        self, source: InputRecord, epoch: int, headers: DeadLetterHeaders, event_id: str | None, omit_value: bool
+        self, source: InputRecord, epoch: int, headers: DeadLetterHeaders, event_id: str | None, level: int
     ) -> OutgoingRecord:
-        """The input's key and value with the error headers; a value too large to send is left out
-        (header error.value_omitted), so an oversized record cannot stop the partition."""
-        value = source.value
-        if omit_value and value is not None:
+        """The input's key and value with the error headers, cut down to `level` (see the module doc)."""
+        key, value = source.key, source.value
+        if level >= VALUE_OMITTED and value is not None:
             headers = headers.model_copy(update={"error_value_omitted": str(len(value))})
             value = None
+        if level >= KEY_HASHED and key is not None:
+            headers = headers.model_copy(update={"error_key_hashed": str(len(key))})
+            key = hashlib.sha256(key).hexdigest().encode()
+        next_level = level + 1 if level < KEY_HASHED else None
 
-        def without_value(_refused_by: str) -> OutgoingRecord:
-            return self._dead_letter_record(source, epoch, headers, event_id, omit_value=True)
+        def smaller(_why: str) -> OutgoingRecord:
+            assert next_level is not None
+            return self._dead_letter_record(source, epoch, headers, event_id, next_level)
 
         return OutgoingRecord(
             topic=self.settings.dlq_topic,
-            key=source.key,
+            key=key,
             value=value,
             headers=headers.kafka_headers(),
             source=source,
             epoch=epoch,
             outcome="dead_lettered",
             event_id=event_id,
-            fallback=without_value if value is not None else None,
+            fallback=smaller if next_level is not None else None,
         )

@@ -1,20 +1,23 @@
 """Resolve: each record parsed, its image fetched, decoded and prepared for the model on a thread pool.
 
-`submit` refuses a record while MAX_IN_FLIGHT events are unpublished (the window intake pauses on). A
-record that is not a valid event goes on as a failure, to be dead-lettered; a valid one goes on at
-once with its image as a future, so the inference stage can batch it while the image is still being
-fetched. Transient fetch failures (timeouts, 5xx and 429 answers, connection resets) are tried up to
-FETCH_ATTEMPTS times with backoff.
+`submit` refuses a record while MAX_IN_FLIGHT events, or MAX_IN_FLIGHT_BYTES of input records, are
+unpublished (the window intake pauses on). A record that is not a valid event goes on as a failure, to
+be dead-lettered; a valid one goes on at once with its image as a future, so the inference stage can
+batch it while the image is still being fetched. Transient fetch failures (timeouts, 5xx and 429
+answers, connection resets) are tried up to FETCH_ATTEMPTS times with backoff. Whatever goes wrong
+with one event, foreseen or not, ends as a `ProcessingError` of the stage it happened in (parse,
+fetch, decode, prepare), never as an exception that would stop the replica. Work queued for a
+partition that has been revoked (or rewound) since is skipped when its turn comes.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 
 from consumer.engine.base import Generator
-from consumer.errors import FetchError, ProcessingError
+from consumer.errors import DecodeError, FetchError, ParseError, PrepareError, ProcessingError
 from consumer.events import DiagramEvent, event_id_hint, parse_event
 from consumer.images import ImageResolver, LoadedImage
 from consumer.metrics import Metrics
@@ -43,33 +46,55 @@ class Resolve:
         self._pool = ThreadPoolExecutor(settings.fetch_workers, thread_name_prefix="fetch")
 
     def submit(self, record: InputRecord) -> None:
-        if self.tracker.in_flight() >= self.settings.max_in_flight:
+        size = len(record.key or b"") + len(record.value or b"")
+        if self.tracker.in_flight() >= self.settings.max_in_flight or (
+            self.tracker.in_flight() and self.tracker.in_flight_bytes() + size > self.settings.max_in_flight_bytes
+        ):
             raise MessageRejected
-        epoch = self.tracker.add(record.tp, record.offset)
+        epoch = self.tracker.add(record.tp, record.offset, size)
         if epoch is None:
             return  # the partition is being rewound: this record will be read again
         self.metrics.in_flight.set(self.tracker.in_flight())
         try:
             event = parse_event(record.value, self.settings.max_event_bytes)
-        except ProcessingError as error:
-            self.next.submit(WorkItem(record, epoch, failure=error, event_id=event_id_hint(record.value)))
+        except Exception as exc:  # noqa: BLE001 - a record nobody foresaw is still only a dead letter
+            error = exc if isinstance(exc, ProcessingError) else ParseError.unexpected(exc)
+            hint = event_id_hint(record.value, self.settings.max_event_bytes)
+            self.next.submit(WorkItem(record, epoch, failure=error, event_id=hint))
             return
-        image = self._pool.submit(self._resolve_image, event)
+        image = self._pool.submit(self._resolve_image, event, record, epoch)
         self.next.submit(WorkItem(record, epoch, event=event, image=image, event_id=event.id))
 
-    def _resolve_image(self, event: DiagramEvent) -> LoadedImage:
-        """Fetch and decode, retrying transient fetch failures with backoff; then the model's preprocessing."""
+    def _resolve_image(self, event: DiagramEvent, record: InputRecord, epoch: int) -> LoadedImage:
+        """Fetch and decode, retrying transient fetch failures with backoff; then the model's preprocessing.
+
+        Raises only `ProcessingError` (or `CancelledError` when the partition moved on meanwhile)."""
+        data = self._fetch(event, record, epoch)
+        started = time.perf_counter()
+        try:
+            image = self.resolver.decode(data)
+        except DecodeError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise DecodeError.unexpected(exc) from exc
+        decoded = time.perf_counter()
+        self.metrics.stage_seconds.labels("decode").observe(decoded - started)
+        try:
+            # Image preprocessing here, in parallel, keeps it off the single model thread.
+            prepared = self.generator.prepare_image(image)
+        except Exception as exc:  # noqa: BLE001
+            raise PrepareError.unexpected(exc) from exc
+        self.metrics.stage_seconds.labels("prepare").observe(time.perf_counter() - decoded)
+        loaded = LoadedImage(image=image, source_bytes=len(data), decode_seconds=decoded - started)
+        return loaded.with_prepared(prepared)
+
+    def _fetch(self, event: DiagramEvent, record: InputRecord, epoch: int) -> bytes:
         for attempt in range(1, FETCH_ATTEMPTS + 1):
+            if not self.tracker.is_current(record.tp, epoch):
+                raise CancelledError  # revoked or rewound while queued: the new owner reads it again
+            started = time.perf_counter()
             try:
-                loaded = self.resolver.resolve(event.image)
-                self.metrics.stage_seconds.labels("fetch").observe(loaded.fetch_seconds)
-                self.metrics.stage_seconds.labels("decode").observe(loaded.decode_seconds)
-                # Image preprocessing here, in parallel, keeps it off the single model thread.
-                started = time.perf_counter()
-                assert loaded.image is not None  # just decoded
-                prepared = self.generator.prepare_image(loaded.image)
-                self.metrics.stage_seconds.labels("prepare").observe(time.perf_counter() - started)
-                return loaded.with_prepared(prepared)
+                data = self.resolver.fetch(event.image)
             except FetchError as error:
                 error.attempts = attempt
                 if not error.retryable or attempt == FETCH_ATTEMPTS:
@@ -77,6 +102,11 @@ class Resolve:
                 self.metrics.events.labels("retried").inc()
                 logger.info("retrying fetch for id=%s after %s (attempt %d)", event.id, error.message, attempt)
                 time.sleep(FETCH_BACKOFF_S * 2 ** (attempt - 1))
+                continue
+            except Exception as exc:  # noqa: BLE001
+                raise FetchError.unexpected(exc) from exc
+            self.metrics.stage_seconds.labels("fetch").observe(time.perf_counter() - started)
+            return data
         raise AssertionError("unreachable")
 
     def poll(self, timeout: float = 0.0) -> None:

@@ -13,9 +13,12 @@ from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from consumer.errors import ParseError
+from consumer.errors import STAGES, ParseError
 from consumer.events import (
+    MAX_HEADER_CHARS,
+    MAX_MESSAGE_CHARS,
     MAX_METADATA_DEPTH,
+    DeadLetterHeaders,
     DiagramResult,
     ResultMetadata,
     Source,
@@ -120,11 +123,29 @@ def test_metadata_that_could_not_be_passed_through_is_refused_up_front():
 
 
 def test_the_id_hint_for_a_bad_record_is_always_safe_to_put_in_a_header():
-    assert event_id_hint(b'{"id": "a\\ud800b"}').encode() == b"a?b"
+    assert event_id_hint(b'{"id": "a\\ud800b"}') == "a\\ud800b"  # the lone surrogate escaped, not lost
     assert event_id_hint(b'{"id": ' + b"[" * 10_000 + b"}") is None
     assert event_id_hint(b'{"id": 7}') == "7"
     assert len(event_id_hint(json.dumps({"id": "x" * 10_000}).encode())) == 200
     assert event_id_hint(b"not json") is None and event_id_hint(None) is None
+
+
+def test_a_record_over_max_event_bytes_is_never_parsed_for_its_id_hint(monkeypatch):
+    """A 10 MB record once cost 224 MB on the poll thread to find the id of its dead letter."""
+    import consumer.events
+
+    loads = json.loads
+
+    def bounded_loads(text, *args, **kwargs):
+        assert len(text) < 1000, f"json.loads of {len(text)} bytes"
+        return loads(text, *args, **kwargs)
+
+    monkeypatch.setattr(consumer.events.json, "loads", bounded_loads)
+    huge = b'{"metadata": {"a": 1}, "id": "order-\\u00e9-17", "image": {"base64": "' + b"A" * 10_000_000 + b'"}}'
+    assert event_id_hint(huge, max_bytes=1_000_000) == "order-\u00e9-17"
+    with pytest.raises(ParseError, match="MAX_EVENT_BYTES"):
+        parse_event(huge, max_bytes=1_000_000)
+    assert event_id_hint(b'{"image": {}, ' + b" " * 2_000_000 + b'"id": "far"}', max_bytes=1000) is None
 
 
 # -- properties ------------------------------------------------------------------------------------------
@@ -170,3 +191,32 @@ def test_any_json_object_either_parses_into_a_publishable_event_or_raises_parse_
             hint.encode("utf-8")  # what the producer does with a header: must not raise
         return
     assert json.loads(result_for(parsed))["id"] == parsed.id
+
+
+@PROPERTY
+@given(
+    stage=st.sampled_from(STAGES),
+    texts=st.lists(st.text(st.characters() | st.sampled_from("\ud800\udfff\x00\u200f\u202e")), min_size=5, max_size=5)
+    | st.lists(st.text(min_size=3000, max_size=5000), min_size=5, max_size=5),
+)
+def test_dead_letter_headers_are_always_producible(stage, texts):
+    """Whatever an event or an error held (lone surrogates, NUL, right-to-left marks, megabytes), every
+    dead-letter header is valid UTF-8 and bounded, so the dead letter can be produced."""
+    error_class, message, reason, topic, event_id = texts
+    headers = DeadLetterHeaders.model_validate(
+        {
+            "error.stage": stage,
+            "error.class": error_class,
+            "error.message": message,
+            "error.reason": reason,
+            "error.attempts": "1",
+            "source.topic": topic,
+            "source.partition": "0",
+            "source.offset": "7",
+            "event.id": event_id,
+        }
+    )
+    for name, value in headers.kafka_headers():
+        assert isinstance(value, str)
+        value.encode("utf-8")  # never raises
+        assert len(value) <= (MAX_MESSAGE_CHARS if name == "error.message" else MAX_HEADER_CHARS)

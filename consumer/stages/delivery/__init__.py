@@ -29,5 +29,6 @@ def make_delivery(
     latch: FatalLatch,
     state: ServiceState,
 ) -> Delivery:
-    kind = ExactlyOnce if settings.processing_guarantee == "exactly_once" else AtLeastOnce
-    return kind(producer, consumer, tracker, metrics, latch, state)
+    if settings.processing_guarantee == "exactly_once":
+        return ExactlyOnce(producer, consumer, tracker, metrics, latch, state, revoke_timeout=settings.revoke_timeout)
+    return AtLeastOnce(producer, consumer, tracker, metrics, latch, state)

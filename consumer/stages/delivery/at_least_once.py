@@ -20,7 +20,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
 from consumer.offsets import TopicPartitionKey
 from consumer.stages.base import OutgoingRecord
-from consumer.stages.delivery.base import PRODUCER_LIMIT, REBALANCE_ERRORS, DeliveryBase, TooLarge, topic_limit
+from consumer.stages.delivery.base import REBALANCE_ERRORS, DeliveryBase, Refused, broker_refusal
 
 logger = logging.getLogger(__name__)
 
@@ -55,9 +55,10 @@ class AtLeastOnce(DeliveryBase):
             return None
         try:
             self._produce(record, self._on_delivery(record))
-        except TooLarge:
+        except Refused as refusal:
             assert record.fallback is not None
-            return self._send(record.fallback(PRODUCER_LIMIT))
+            logger.warning("producer refused %s for %s: %s", record.outcome, record.source, refusal.why)
+            return self._send(record.fallback(refusal.why))
         return record
 
     def _on_delivery(self, record: OutgoingRecord) -> Callable[[KafkaError | None, Message], None]:
@@ -65,9 +66,11 @@ class AtLeastOnce(DeliveryBase):
         produced_at = time.monotonic()  # the handler is made just before its produce() call
 
         def on_delivery(error: KafkaError | None, _published: Message) -> None:
-            if error is not None and error.code() == KafkaError.MSG_SIZE_TOO_LARGE and record.fallback is not None:
-                logger.warning("broker refused %s for %s[%d]@%d as too large", record.outcome, tp[0], tp[1], offset)
-                self._send(record.fallback(topic_limit(record.topic)))  # settles the input instead
+            why = broker_refusal(record, error)
+            if why is not None:
+                assert record.fallback is not None
+                logger.warning("broker refused %s for %s: %s", record.outcome, record.source, why)
+                self._send(record.fallback(why))  # settles the input instead
                 return
             if error is not None:
                 # The producer already retried for message.timeout.ms: this input must not be

@@ -11,20 +11,33 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 
 from consumer.metrics import Metrics
 from consumer.offsets import OffsetTracker, TopicPartitionKey
-from consumer.stages.base import FatalLatch, OutgoingRecord
+from consumer.stages.base import PRODUCER_LIMIT, FatalLatch, OutgoingRecord, topic_limit
 from consumer.state import ServiceState
 
-PRODUCER_LIMIT = "the producer's message.max.bytes"
+RECORD_REFUSALS = {KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_RECORD}
+"""Delivery errors that are about the record, not the broker: the broker will never take it (too large
+for the topic, or a record the topic's configuration rejects, such as no key on a compacted topic)."""
+
+
+def broker_refusal(record: OutgoingRecord, error: KafkaError | None) -> str | None:
+    """Why the broker refused `record` for good, when it did and the record has a fallback; else None."""
+    if error is None or record.fallback is None or error.code() not in RECORD_REFUSALS:
+        return None
+    if error.code() == KafkaError.MSG_SIZE_TOO_LARGE:
+        return topic_limit(record.topic)
+    return f"{record.topic} refused it: {error.str()}"
+
+
 REBALANCE_ERRORS = {KafkaError.ILLEGAL_GENERATION, KafkaError.REBALANCE_IN_PROGRESS, KafkaError.UNKNOWN_MEMBER_ID}
 """Commit errors that a rebalance causes: expected, and retried."""
+
+QUEUE_FULL_WAIT_S = 600.0
+"""How long a produce() waits for room in the producer's full local queue (librdkafka's
+queue.buffering.max.*); past message.timeout.ms (300 s by default) queued records fail and free it."""
 
 Send = Callable[[OutgoingRecord], "OutgoingRecord | None"]
 """Publishes one record, or its fallback when it is too large; returns what was published, or None
 when the record's partition was revoked meanwhile (the record is dropped)."""
-
-
-def topic_limit(topic: str) -> str:
-    return f"what {topic} accepts (max.message.bytes)"
 
 
 class Delivery(Protocol):
@@ -74,17 +87,34 @@ class DeliveryBase:
         return None
 
     def _produce(self, record: OutgoingRecord, on_delivery: Callable[..., None] | None = None) -> None:
+        """Hand `record` to the producer. `Refused` when the producer will not take this record (too
+        large, or headers it cannot encode) and the record has a fallback; a full local queue is waited
+        out for up to QUEUE_FULL_WAIT_S (it drains as the broker acknowledges, or as records time out
+        after message.timeout.ms), and then is the replica's fault."""
         extra: dict[str, Any] = {"on_delivery": on_delivery} if on_delivery is not None else {}
+        deadline = time.monotonic() + QUEUE_FULL_WAIT_S
         while True:
             try:
                 self.producer.produce(record.topic, value=record.value, key=record.key, headers=record.headers, **extra)
                 return
             except BufferError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"the producer's local queue stayed full for {QUEUE_FULL_WAIT_S:.0f} s: the broker is not "
+                        "acknowledging records"
+                    ) from None
                 self.producer.poll(0.5)  # the local queue is full: let acknowledgements drain it
             except KafkaException as exc:
-                if exc.args[0].code() == KafkaError.MSG_SIZE_TOO_LARGE and record.fallback is not None:
-                    raise TooLarge() from None
-                raise
+                error = exc.args[0]
+                if record.fallback is None or error.fatal():
+                    raise
+                if error.code() == KafkaError.MSG_SIZE_TOO_LARGE:
+                    raise Refused(PRODUCER_LIMIT) from None
+                raise Refused(f"the producer refused it: {error.str()}") from None
+            except (TypeError, ValueError, UnicodeError) as exc:  # what confluent-kafka raises for bad fields
+                if record.fallback is None:
+                    raise
+                raise Refused(f"the producer refused it: {type(exc).__name__}: {exc}") from None
 
     def _count(self, record: OutgoingRecord, produced_at: float) -> None:
         self.metrics.events.labels(record.outcome).inc()
@@ -99,5 +129,9 @@ class DeliveryBase:
             self.metrics.committed_offset.labels(topic, str(partition)).set(offset)
 
 
-class TooLarge(Exception):
-    """produce() refused a record as larger than message.max.bytes, and it has a fallback."""
+class Refused(Exception):
+    """produce() refused a record that has a fallback; the argument says why."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why

@@ -20,14 +20,16 @@ from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, Messag
 
 from consumer.offsets import TopicPartitionKey
 from consumer.stages.base import OutgoingRecord
-from consumer.stages.delivery.base import PRODUCER_LIMIT, DeliveryBase, Send, TooLarge, topic_limit
+from consumer.stages.delivery.base import DeliveryBase, Refused, Send, broker_refusal
 
 logger = logging.getLogger(__name__)
 
-REVOKE_WAIT_S = 30.0
-"""How long a revocation waits for the transaction in progress to end."""
 TRANSACTION_CALL_TIMEOUT_S = 10.0
-"""Per call to the transaction coordinator; a timed-out call is retried."""
+"""Per call to the transaction coordinator; a timed-out call is retried, for up to TRANSACTION_RETRY_S."""
+TRANSACTION_RETRY_S = 60.0
+"""How long retriable errors of one transactional call are retried (transaction.timeout.ms, librdkafka's
+default, after which the coordinator aborts the transaction anyway); then the replica stops: its
+broker is not answering."""
 GROUP_METADATA_REFRESH_S = 1.0
 """How often the poll thread re-reads the group metadata sent with each transaction."""
 
@@ -49,15 +51,19 @@ def names_a_member(group_metadata: bytes) -> bool:
 class ExactlyOnce(DeliveryBase):
     """One transaction per batch: results, dead letters and input offsets commit together or not at all."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, revoke_timeout: float = 30.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.revoke_timeout = revoke_timeout
+        """REVOKE_TIMEOUT: how long a revocation waits for the transaction in progress to end."""
+        self._shutdown_deadline: float | None = None
         self._transaction = threading.Lock()
         self._rewinds_lock = threading.Lock()
         self._rewinds: dict[TopicPartitionKey, int | None] = {}
         self._group_metadata: Any = None
         self._metadata_read_at = 0.0
         self._refused_lock = threading.Lock()
-        self._refused: set[tuple[str, int, int, str, bool]] = set()
+        self._refused: dict[tuple[str, int, int, str, bool], str] = {}
+        """Records the broker refused for good in an aborted attempt, and why."""
 
     def rebalanced(self) -> None:
         # The consumer is read on the poll thread only: consumer_group_metadata() called from
@@ -107,15 +113,16 @@ class ExactlyOnce(DeliveryBase):
                 if not self.tracker.is_current(record.source_tp, record.epoch):
                     return None
                 with self._refused_lock:
-                    refused = record.fallback is not None and record.shape in self._refused
-                if refused:  # the broker refused it in an aborted attempt: settle the input otherwise
+                    why = self._refused.get(record.shape) if record.fallback is not None else None
+                if why is not None:  # the broker refused it in an aborted attempt: settle the input otherwise
                     assert record.fallback is not None
-                    return send(record.fallback(topic_limit(record.topic)))
+                    return send(record.fallback(why))
                 try:
                     self._produce(record, self._on_delivery(record))
-                except TooLarge:
+                except Refused as refusal:
                     assert record.fallback is not None
-                    return send(record.fallback(PRODUCER_LIMIT))
+                    logger.warning("producer refused %s for %s: %s", record.outcome, record.source, refusal.why)
+                    return send(record.fallback(refusal.why))
                 sent.append(record)
                 return record
 
@@ -129,6 +136,13 @@ class ExactlyOnce(DeliveryBase):
                 return
             if self.latch.tripped():
                 self._abort(set(), "the service is stopping on an unrecoverable error")
+                return
+            revoked = {
+                record.source_tp for record in sent if not self.tracker.is_current(record.source_tp, record.epoch)
+            }
+            if revoked:
+                # Its results must not commit without its offsets: the partition's new owner redoes them.
+                self._abort({record.source_tp for record in sent} - revoked, f"{sorted(revoked)} revoked meanwhile")
                 return
             for record in sent:
                 self.tracker.done(record.source_tp, record.source.offset, record.epoch)
@@ -144,29 +158,28 @@ class ExactlyOnce(DeliveryBase):
                 return
             self._committed(points)
             with self._refused_lock:
-                self._refused -= {record.shape for record in sent}
+                for record in sent:
+                    self._refused.pop(record.shape, None)
             for record in sent:
                 self._count(record, began)
 
     def _on_delivery(self, record: OutgoingRecord) -> Callable[[KafkaError | None, Message], None]:
         def on_delivery(error: KafkaError | None, _published: Message) -> None:
             # Any failed record fails the whole transaction (commit_transaction says so); a record
-            # the broker refused as too large is remembered, so the retry publishes its fallback.
-            if error is not None and error.code() == KafkaError.MSG_SIZE_TOO_LARGE and record.fallback is not None:
-                logger.warning(
-                    "broker refused %s for %s[%d]@%d as too large",
-                    record.outcome,
-                    *record.source_tp,
-                    record.source.offset,
-                )
+            # the broker refused for good is remembered, so the retry publishes its fallback.
+            why = broker_refusal(record, error)
+            if why is not None:
+                logger.warning("broker refused %s for %s: %s", record.outcome, record.source, why)
                 with self._refused_lock:
-                    self._refused.add(record.shape)
+                    self._refused[record.shape] = why
 
         return on_delivery
 
     def _call(self, method: Callable[..., Any], *args: Any) -> None:
         """Call a transactional method, retrying what is retriable; `_AbortNeeded` if the transaction
-        must be aborted; a fatal error (this producer was fenced) propagates and stops the service."""
+        must be aborted; a fatal error (this producer was fenced), or retriable errors for longer than
+        TRANSACTION_RETRY_S, propagate and stop the service."""
+        deadline = time.monotonic() + TRANSACTION_RETRY_S
         while True:
             try:
                 method(*args, TRANSACTION_CALL_TIMEOUT_S)
@@ -177,7 +190,7 @@ class ExactlyOnce(DeliveryBase):
                     raise
                 if error.txn_requires_abort():
                     raise AbortNeeded(error.str()) from None
-                if not error.retriable():
+                if not error.retriable() or time.monotonic() > deadline:
                     raise
                 logger.warning("%s: %s; retrying", method.__name__, error)
 
@@ -232,9 +245,14 @@ class ExactlyOnce(DeliveryBase):
         # sent its offsets yet; a lost member's metadata is refused, so its transaction aborts), and
         # no later one can carry a revoked partition.
         self.rebalanced()
-        acquired = self._transaction.acquire(timeout=REVOKE_WAIT_S)
+        wait = self.revoke_timeout
+        if self._shutdown_deadline is not None:  # shutting down: within what is left of SHUTDOWN_TIMEOUT
+            wait = min(wait, max(self._shutdown_deadline - time.monotonic(), 0.0))
+        acquired = self._transaction.acquire(timeout=wait)
         if not acquired:
-            logger.warning("revoking %s while a transaction is still open; it will be fenced", tps)
+            # The open transaction aborts itself before committing once it sees a partition revoked
+            # (see _batch); only one already inside commit_transaction can still commit its results.
+            logger.warning("revoking %s while a transaction is still open after %.0f s", tps, wait)
         try:
             yield
         finally:
@@ -245,6 +263,7 @@ class ExactlyOnce(DeliveryBase):
         return None  # offsets are committed inside transactions, never by the consumer
 
     def join(self, timeout: float) -> bool:
+        self._shutdown_deadline = time.monotonic() + max(timeout, 0.0)
         return not self.latch.tripped()
 
 

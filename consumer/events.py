@@ -38,7 +38,16 @@ MAX_METADATA_DEPTH = 32
 class ImageRef(BaseModel):
     """Where the image is: exactly one of an http(s) URL, a path under IMAGE_ROOT, or inline base64."""
 
-    model_config = ConfigDict(extra="forbid")
+    # The schema says "exactly one" as the validator below does: one reference is a string, the others
+    # are absent or null.
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "oneOf": [
+                {"required": [name], "properties": {name: {"type": "string"}}} for name in ("url", "path", "base64")
+            ]
+        },
+    )
 
     url: str | None = Field(None, description="http:// or https:// URL of the image")
     path: str | None = Field(None, description="file path, relative to IMAGE_ROOT (or absolute inside it)")
@@ -58,6 +67,14 @@ class ImageRef(BaseModel):
     @property
     def kind(self) -> str:
         return next(name for name in ("url", "path", "base64") if getattr(self, name) is not None)
+
+
+NOT_IN_SCHEMA = (
+    "Checks this schema cannot express, which the service also makes before it accepts an event: the record "
+    "is UTF-8 JSON of at most MAX_EVENT_BYTES (1,000,000 bytes unless configured), no string anywhere holds "
+    "a lone UTF-16 surrogate (a \\ud800-\\udfff escape without its pair), and metadata is nested at most "
+    f"{MAX_METADATA_DEPTH} levels deep."
+)
 
 
 class DiagramEvent(BaseModel):
@@ -213,6 +230,13 @@ def parse_event(value: bytes | None, max_bytes: int | None = None) -> DiagramEve
         raise ParseError(f"value is not JSON: {exc}", reason="not_json") from None
     if not isinstance(document, dict):
         raise ParseError(f"event must be a JSON object, got {type(document).__name__}", reason="not_object")
+    field = _field_with_lone_surrogate(document)
+    if field is not None:
+        raise ParseError(
+            f"{field}: holds a lone UTF-16 surrogate (a \\ud800-\\udfff escape without its pair), which no "
+            "result or header can carry; send valid Unicode",
+            reason="invalid_unicode",
+        )
     try:
         return DiagramEvent.model_validate(document)
     except ValidationError as exc:
@@ -220,6 +244,19 @@ def parse_event(value: bytes | None, max_bytes: int | None = None) -> DiagramEve
             f"{'.'.join(str(part) for part in error['loc']) or 'event'}: {error['msg']}" for error in exc.errors()
         )
         raise ParseError(f"invalid event: {problems}", reason="invalid_field") from None
+
+
+def _field_with_lone_surrogate(document: dict[str, Any]) -> str | None:
+    """The first top-level field (or "event", for a key) whose JSON text cannot be encoded as UTF-8."""
+    for key, value in document.items():
+        try:
+            key.encode("utf-8")
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            return key if key.isprintable() and key.isascii() else "event"
+        except (ValueError, RecursionError):
+            continue  # nested too deeply: the model validation refuses it with a clearer message
+    return None
 
 
 _ID_PATTERN = re.compile(rb'"id"\s*:\s*"((?:[^"\\]|\\.){0,512})"')

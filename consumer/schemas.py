@@ -11,10 +11,10 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from consumer.events import DeadLetterHeaders, DiagramEvent, DiagramResult
+from consumer.events import NOT_IN_SCHEMA, DeadLetterHeaders, DiagramEvent, DiagramResult
 
 SCHEMAS: dict[str, tuple[type[BaseModel], str]] = {
-    "diagram-event.schema.json": (DiagramEvent, "Input event on INPUT_TOPIC"),
+    "diagram-event.schema.json": (DiagramEvent, f"Input event on INPUT_TOPIC. {NOT_IN_SCHEMA}"),
     "diagram-result.schema.json": (DiagramResult, "Result on OUTPUT_TOPIC, keyed like its input"),
     "dead-letter-headers.schema.json": (
         DeadLetterHeaders,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import (
     BaseModel,
@@ -26,6 +26,7 @@ from pydantic import (
 from pydantic_core import PydanticSerializationError, to_json
 
 from consumer.errors import ParseError, Stage
+from consumer.structured import StructuredError, parse_description
 
 MAX_ID_CHARS = 256
 """An id travels in every log line and dead-letter header, so it is kept short."""
@@ -118,6 +119,47 @@ class Source(BaseModel):
     offset: int
 
 
+class Step(BaseModel):
+    """One row of a description's table whose columns are the known three (number, step, role)."""
+
+    number: int | None = Field(description="the row's number, or null when its cell is not a whole number")
+    step: str
+    role: str
+
+
+class StructuredDescription(BaseModel):
+    """The first markdown table of a description, as data (consumer/structured.py says how it is read)."""
+
+    columns: list[str] = Field(description="the header's cells")
+    rows: list[list[str]] = Field(description="each data row's cells, as many as there are columns")
+    steps: list[Step] | None = Field(
+        description="the rows as steps, when the columns are number, step and role (in English or Russian, "
+        "e.g. | № | Step | Role | or | № | Наименование действия | Роль |); null otherwise"
+    )
+
+
+StructuredField = Annotated[
+    StructuredDescription | None,
+    Field(description="the description's table as data; null when it has none that can be read"),
+]
+StructuredErrorField = Annotated[
+    str | None,
+    Field(
+        description="why `structured` is null, as 'reason: message' (reasons: no_table, no_rows, ragged_rows, "
+        "too_large); null when it is set"
+    ),
+]
+
+
+def description_fields(description: str) -> dict[str, Any]:
+    """A result's description fields: the text, and its table parsed (or why it could not be)."""
+    try:
+        table = parse_description(description)
+    except StructuredError as error:
+        return {"description": description, "structured": None, "structured_error": str(error)}
+    return {"description": description, "structured": table.as_dict(), "structured_error": None}
+
+
 class GenerationMetadata(BaseModel):
     """What the old HTTP service's users relied on, for a Kafka result and a POST /infer answer alike."""
 
@@ -136,15 +178,19 @@ class ResultMetadata(GenerationMetadata):
 
 
 class InferResponse(BaseModel):
-    """POST /infer's answer: the old HTTP service's `{description, metadata}`."""
+    """POST /infer's answer: the old HTTP service's `{description, metadata}`, and the table as data."""
 
     description: str
+    structured: StructuredField = None
+    structured_error: StructuredErrorField = None
     metadata: GenerationMetadata
 
 
 class DiagramResult(BaseModel):
     id: str
     description: str
+    structured: StructuredField = None
+    structured_error: StructuredErrorField = None
     metadata: ResultMetadata
     input_metadata: dict[str, Any] | None = None
 

@@ -47,8 +47,16 @@ from dataclasses import dataclass
 from typing import Literal, TypedDict
 
 __all__ = [
-    "MAX_COLUMNS", "MAX_DESCRIPTION_CHARS", "MAX_ROWS", "Reason", "Step", "StepDict", "StructuredError",
-    "StructuredTable", "TableDict", "parse_description",
+    "MAX_COLUMNS",
+    "MAX_DESCRIPTION_CHARS",
+    "MAX_ROWS",
+    "Reason",
+    "Step",
+    "StepDict",
+    "StructuredError",
+    "StructuredTable",
+    "TableDict",
+    "parse_description",
 ]
 
 MAX_DESCRIPTION_CHARS = 1 << 18
@@ -69,21 +77,82 @@ _EMPHASIS = "*_`"
 
 # Header synonyms, compared after _header_key: case-folded, emphasis and a trailing "." or ":" removed. A blank
 # header counts as the number column: models sometimes leave the narrow first header cell empty.
-_NUMBER_HEADERS = frozenset({
-    "", "№", "#", "n", "no", "nr", "nº", "n°", "num", "number", "step no", "step number", "step #",
-    "номер", "№ п/п", "п/п", "п/н", "№ шага", "номер шага", "порядковый номер",
-})
-_STEP_HEADERS = frozenset({
-    "step", "steps", "step name", "step description", "action", "actions", "action name", "activity",
-    "task", "description", "name", "process step", "operation",
-    "наименование действия", "наименование", "действие", "действия", "название действия", "название",
-    "шаг", "наименование шага", "описание", "описание действия", "этап", "операция",
-})
-_ROLE_HEADERS = frozenset({
-    "role", "roles", "swimlane", "swim lane", "lane", "actor", "performer", "executor", "responsible",
-    "owner", "participant", "department",
-    "роль", "роли", "исполнитель", "ответственный", "дорожка", "участник", "подразделение",
-})
+_NUMBER_HEADERS = frozenset(
+    {
+        "",
+        "№",
+        "#",
+        "n",
+        "no",
+        "nr",
+        "nº",
+        "n°",
+        "num",
+        "number",
+        "step no",
+        "step number",
+        "step #",
+        "номер",
+        "№ п/п",
+        "п/п",
+        "п/н",
+        "№ шага",
+        "номер шага",
+        "порядковый номер",
+    }
+)
+_STEP_HEADERS = frozenset(
+    {
+        "step",
+        "steps",
+        "step name",
+        "step description",
+        "action",
+        "actions",
+        "action name",
+        "activity",
+        "task",
+        "description",
+        "name",
+        "process step",
+        "operation",
+        "наименование действия",
+        "наименование",
+        "действие",
+        "действия",
+        "название действия",
+        "название",
+        "шаг",
+        "наименование шага",
+        "описание",
+        "описание действия",
+        "этап",
+        "операция",
+    }
+)
+_ROLE_HEADERS = frozenset(
+    {
+        "role",
+        "roles",
+        "swimlane",
+        "swim lane",
+        "lane",
+        "actor",
+        "performer",
+        "executor",
+        "responsible",
+        "owner",
+        "participant",
+        "department",
+        "роль",
+        "роли",
+        "исполнитель",
+        "ответственный",
+        "дорожка",
+        "участник",
+        "подразделение",
+    }
+)
 
 
 class StructuredError(ValueError):
@@ -155,8 +224,9 @@ def parse_description(text: str) -> StructuredTable:
     `too_large`.
     """
     if len(text) > MAX_DESCRIPTION_CHARS:
-        raise StructuredError("too_large", f"the description has {len(text)} characters, more than "
-                                           f"{MAX_DESCRIPTION_CHARS}")
+        raise StructuredError(
+            "too_large", f"the description has {len(text)} characters, more than {MAX_DESCRIPTION_CHARS}"
+        )
     # A byte-order mark would hide the first line's leading pipe.
     lines = _LINE_BREAK.split(text.removeprefix("\ufeff"))
     header_at = _find_header(lines)
@@ -227,8 +297,11 @@ def _fitted(cells: tuple[str, ...], width: int, row_number: int, line_number: in
     if len(cells) <= width:
         return cells + ("",) * (width - len(cells))
     if any(cells[width:]):
-        raise StructuredError("ragged_rows", f"row {row_number} (line {line_number}) has {len(cells)} cells, "
-                                             f"the header has {width}, and the extra cells are not blank")
+        raise StructuredError(
+            "ragged_rows",
+            f"row {row_number} (line {line_number}) has {len(cells)} cells, "
+            f"the header has {width}, and the extra cells are not blank",
+        )
     return cells[:width]
 
 
@@ -249,9 +322,12 @@ def _table_without_delimiter(lines: list[str]) -> tuple[tuple[str, ...], tuple[t
                 raise StructuredError("too_large", f"the table has more than {MAX_ROWS} rows")
             return run[0], tuple(run[1:])
         run, widths_agree = [], True
-    raise StructuredError("no_table", "the description has no markdown table: no header line followed by a "
-                                      "delimiter row (|---|---|), nor two or more lines with the same number "
-                                      "of |-separated cells")
+    raise StructuredError(
+        "no_table",
+        "the description has no markdown table: no header line followed by a "
+        "delimiter row (|---|---|), nor two or more lines with the same number "
+        "of |-separated cells",
+    )
 
 
 def _header_key(header: str) -> str:
@@ -265,8 +341,9 @@ def _steps(columns: tuple[str, ...], rows: tuple[tuple[str, ...], ...]) -> tuple
     if len(columns) != 3:
         return None
     keys = [_header_key(column) for column in columns]
-    number_at, step_at, role_at = (_column_of(keys, synonyms)
-                                   for synonyms in (_NUMBER_HEADERS, _STEP_HEADERS, _ROLE_HEADERS))
+    number_at, step_at, role_at = (
+        _column_of(keys, synonyms) for synonyms in (_NUMBER_HEADERS, _STEP_HEADERS, _ROLE_HEADERS)
+    )
     if number_at is None or step_at is None or role_at is None or len({number_at, step_at, role_at}) != 3:
         return None
     return tuple(Step(number=_step_number(row[number_at]), step=row[step_at], role=row[role_at]) for row in rows)

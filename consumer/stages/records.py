@@ -18,7 +18,7 @@ import time
 
 from consumer.engine.base import EngineInfo
 from consumer.errors import ProcessingError, PublishError, ResultError
-from consumer.events import DeadLetterHeaders, DiagramResult, ResultMetadata, Source
+from consumer.events import DeadLetterHeaders, DiagramResult, ResultMetadata, Source, description_fields
 from consumer.logs import event_fields
 from consumer.metrics import Metrics
 from consumer.settings import Settings
@@ -66,8 +66,8 @@ class Records:
         source = item.record
         assert item.event is not None
         result = DiagramResult(
+            **description_fields(described.generation.text),
             id=item.event.id,
-            description=described.generation.text,
             metadata=ResultMetadata(
                 inference_time=round(time.monotonic() - item.polled_at, 4),
                 generation_time=round(described.generation_time, 4),

@@ -15,7 +15,7 @@ from aiohttp import BodyPartReader, web
 
 from consumer.engine.base import GenerationRequest
 from consumer.errors import DecodeError
-from consumer.events import GenerationMetadata, InferResponse
+from consumer.events import GenerationMetadata, InferResponse, description_fields
 from consumer.images import ImageResolver
 from consumer.metrics import Metrics
 from consumer.settings import Settings
@@ -72,7 +72,7 @@ def make_infer_handler(
             extra={"outcome": "ok", "upload": filename, "inference_time": round(inference_time, 4)},
         )
         response = InferResponse(
-            description=generation.text,
+            **description_fields(generation.text),
             metadata=GenerationMetadata(
                 inference_time=round(inference_time, 4),
                 generation_time=round(generation_time, 4),

@@ -22,6 +22,7 @@ from consumer.events import (
     DiagramResult,
     ResultMetadata,
     Source,
+    description_fields,
     event_id_hint,
     parse_event,
 )
@@ -39,20 +40,22 @@ def refusal(value: bytes | None, **options) -> ParseError:
     return caught.value
 
 
+METADATA = ResultMetadata(
+    inference_time=1.0,
+    generation_time=1.0,
+    image_size=(1, 1),
+    model="m",
+    adapter=None,
+    device="cpu",
+    output_tokens=1,
+    batch_size=1,
+    source=Source(topic="t", partition=0, offset=0),
+)
+
+
 def result_for(parsed) -> bytes:
     """The result the pipeline would publish for `parsed`: it must always serialise."""
-    metadata = ResultMetadata(
-        inference_time=1.0,
-        generation_time=1.0,
-        image_size=(1, 1),
-        model="m",
-        adapter=None,
-        device="cpu",
-        output_tokens=1,
-        batch_size=1,
-        source=Source(topic="t", partition=0, offset=0),
-    )
-    result = DiagramResult(id=parsed.id, description="d", metadata=metadata, input_metadata=parsed.metadata)
+    result = DiagramResult(id=parsed.id, description="d", metadata=METADATA, input_metadata=parsed.metadata)
     return result.model_dump_json().encode()
 
 
@@ -220,3 +223,17 @@ def test_dead_letter_headers_are_always_producible(stage, texts):
         assert isinstance(value, str)
         value.encode("utf-8")  # never raises
         assert len(value) <= (MAX_MESSAGE_CHARS if name == "error.message" else MAX_HEADER_CHARS)
+
+
+def test_a_description_with_a_table_carries_it_as_data_and_one_without_says_why():
+    table = (
+        "Here are the steps:\n\n| № | Наименование действия | Роль |\n|---|---|---|\n| 1 | Подать заявку | Клиент |\n"
+    )
+    fields = description_fields(table)
+    result = DiagramResult.model_validate({**fields, "id": "e", "metadata": METADATA})
+    assert result.structured is not None and result.structured_error is None
+    assert result.structured.steps is not None
+    assert result.structured.steps[0].model_dump() == {"number": 1, "step": "Подать заявку", "role": "Клиент"}
+    noise = DiagramResult.model_validate({**description_fields("6jjj cess"), "id": "e", "metadata": METADATA})
+    assert noise.structured is None and noise.structured_error.startswith("no_table: ")
+    assert json.loads(noise.model_dump_json())["structured"] is None

@@ -10,11 +10,19 @@ import json
 import re
 
 import pytest
-from hypothesis import assume, given, settings as hypothesis_settings, strategies as st
+from hypothesis import assume, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from consumer.engine.echo import ECHO_DESCRIPTION
 from consumer.structured import (
-    MAX_COLUMNS, MAX_DESCRIPTION_CHARS, MAX_ROWS, Step, StructuredError, StructuredTable, parse_description,
+    MAX_COLUMNS,
+    MAX_DESCRIPTION_CHARS,
+    MAX_ROWS,
+    Step,
+    StructuredError,
+    StructuredTable,
+    parse_description,
 )
 
 PROPERTY = hypothesis_settings(max_examples=200, deadline=None)
@@ -50,10 +58,16 @@ def refusal(text: str) -> StructuredError:
 def test_the_prompted_table_is_found_between_prose_and_code_fences():
     table = parse_description(PROMPTED)
     assert table.columns == ("№", "Step", "Role")
-    assert table.rows == (("1", "Receive the order", "Sales"), ("2", "Check stock", "Warehouse"),
-                          ("3", "Ship the goods", "Logistics"))
-    assert table.steps == (Step(1, "Receive the order", "Sales"), Step(2, "Check stock", "Warehouse"),
-                           Step(3, "Ship the goods", "Logistics"))
+    assert table.rows == (
+        ("1", "Receive the order", "Sales"),
+        ("2", "Check stock", "Warehouse"),
+        ("3", "Ship the goods", "Logistics"),
+    )
+    assert table.steps == (
+        Step(1, "Receive the order", "Sales"),
+        Step(2, "Check stock", "Warehouse"),
+        Step(3, "Ship the goods", "Logistics"),
+    )
 
 
 def test_the_fine_tunes_russian_header_gives_steps():
@@ -72,8 +86,11 @@ def test_the_json_shape_downstream_services_read():
         "steps": [{"number": 1, "step": "Start", "role": "System"}, {"number": None, "step": "End", "role": ""}],
     }
     other = parse_description("| Phase | Owner | Notes | Due |\n|---|---|---|---|\n| a | b | c | d |")
-    assert other.as_dict() == {"columns": ["Phase", "Owner", "Notes", "Due"], "rows": [["a", "b", "c", "d"]],
-                               "steps": None}
+    assert other.as_dict() == {
+        "columns": ["Phase", "Owner", "Notes", "Due"],
+        "rows": [["a", "b", "c", "d"]],
+        "steps": None,
+    }
 
 
 def test_the_echo_engines_description_parses():
@@ -122,9 +139,26 @@ def test_blank_cells_are_kept_as_empty_strings():
 
 @pytest.mark.parametrize(
     "cell, number",
-    [("1", 1), ("01", 1), ("1.", 1), ("2)", 2), ("#3", 3), ("№ 4", 4), ("**5**", 5), (" 6 ", 6),
-     ("1.2", None), ("4a", None), ("—", None), ("first", None), ("", None), ("-1", None), ("1_000", None),
-     ("٣", None), ("1" * 19, None), ("9" * 5000, None)],
+    [
+        ("1", 1),
+        ("01", 1),
+        ("1.", 1),
+        ("2)", 2),
+        ("#3", 3),
+        ("№ 4", 4),
+        ("**5**", 5),
+        (" 6 ", 6),
+        ("1.2", None),
+        ("4a", None),
+        ("—", None),
+        ("first", None),
+        ("", None),
+        ("-1", None),
+        ("1_000", None),
+        ("٣", None),
+        ("1" * 19, None),
+        ("9" * 5000, None),
+    ],
 )
 def test_step_numbers_are_whole_numbers_or_none(cell, number):
     table = parse_description(f"| № | Step | Role |\n|---|---|---|\n| {cell} | s | r |")
@@ -133,25 +167,28 @@ def test_step_numbers_are_whole_numbers_or_none(cell, number):
 
 
 def test_skipped_numbering_is_reported_as_written():
-    table = parse_description("| № | Step | Role |\n|---|---|---|\n| 1 | a | r |\n| 3 | b | r |\n| 3 | c | r |\n"
-                              "| 10 | d | r |")
+    table = parse_description(
+        "| № | Step | Role |\n|---|---|---|\n| 1 | a | r |\n| 3 | b | r |\n| 3 | c | r |\n| 10 | d | r |"
+    )
     assert table.steps is not None and [step.number for step in table.steps] == [1, 3, 3, 10]
 
 
 @pytest.mark.parametrize(
     "header, row",
-    [("| № | Step | Role |", "| 7 | Approve | Director |"),
-     ("| # | Action | Swimlane |", "| 7 | Approve | Director |"),
-     ("| No | Activity | Actor |", "| 7 | Approve | Director |"),
-     ("| N | Task | Lane |", "| 7 | Approve | Director |"),
-     ("| Number | STEP | ROLE |", "| 7 | Approve | Director |"),
-     ("| **№** | **Step** | **Role** |", "| 7 | Approve | Director |"),
-     ("| Номер | Действие | Исполнитель |", "| 7 | Approve | Director |"),
-     ("| № п/п | Наименование шага | Ответственный |", "| 7 | Approve | Director |"),
-     ("|   | Step | Role |", "| 7 | Approve | Director |"),
-     ("| Nº: | Step Description | Swim  lane |", "| 7 | Approve | Director |"),
-     ("| Step | Role | # |", "| Approve | Director | 7 |"),
-     ("| Роль | № | Наименование действия |", "| Director | 7 | Approve |")],
+    [
+        ("| № | Step | Role |", "| 7 | Approve | Director |"),
+        ("| # | Action | Swimlane |", "| 7 | Approve | Director |"),
+        ("| No | Activity | Actor |", "| 7 | Approve | Director |"),
+        ("| N | Task | Lane |", "| 7 | Approve | Director |"),
+        ("| Number | STEP | ROLE |", "| 7 | Approve | Director |"),
+        ("| **№** | **Step** | **Role** |", "| 7 | Approve | Director |"),
+        ("| Номер | Действие | Исполнитель |", "| 7 | Approve | Director |"),
+        ("| № п/п | Наименование шага | Ответственный |", "| 7 | Approve | Director |"),
+        ("|   | Step | Role |", "| 7 | Approve | Director |"),
+        ("| Nº: | Step Description | Swim  lane |", "| 7 | Approve | Director |"),
+        ("| Step | Role | # |", "| Approve | Director | 7 |"),
+        ("| Роль | № | Наименование действия |", "| Director | 7 | Approve |"),
+    ],
 )
 def test_known_headers_give_steps_in_either_language_and_any_order(header, row):
     assert parse_description(f"{header}\n|---|---|---|\n{row}").steps == (Step(7, "Approve", "Director"),)
@@ -159,8 +196,14 @@ def test_known_headers_give_steps_in_either_language_and_any_order(header, row):
 
 @pytest.mark.parametrize(
     "header",
-    ["| № | Step | Role | Note |", "| Step | Role |", "| Date | Event | Place |", "| № | № | Role |",
-     "| Step | Step | Role |", "|  | Step |  |"],
+    [
+        "| № | Step | Role | Note |",
+        "| Step | Role |",
+        "| Date | Event | Place |",
+        "| № | № | Role |",
+        "| Step | Step | Role |",
+        "|  | Step |  |",
+    ],
 )
 def test_other_headers_give_rows_but_no_steps(header):
     width = header.count("|") - 1
@@ -169,8 +212,9 @@ def test_other_headers_give_rows_but_no_steps(header):
 
 
 def test_the_first_table_is_taken():
-    text = ("Steps:\n\n| № | Step | Role |\n|---|---|---|\n| 1 | a | r |\n\n"
-            "Roles:\n\n| Role | Team |\n|---|---|\n| r | t |")
+    text = (
+        "Steps:\n\n| № | Step | Role |\n|---|---|---|\n| 1 | a | r |\n\nRoles:\n\n| Role | Team |\n|---|---|\n| r | t |"
+    )
     assert parse_description(text).columns == ("№", "Step", "Role")
 
 
@@ -210,13 +254,15 @@ def test_a_long_row_loses_its_extra_cells_only_when_they_are_blank():
 
 @pytest.mark.parametrize(
     "text, reason",
-    [("", "no_table"),
-     ("The diagram shows an order being received, checked and shipped.", "no_table"),
-     ("I cannot read this image.\n\n```\nno table here\n```", "no_table"),
-     ("---\n---", "no_table"),
-     ("| № | Step | Role |\n|---|---|---|", "no_rows"),
-     ("| № | Step | Role |\n|---|---|---|\n\n| 1 | a | r |", "no_rows"),
-     ("| № | Step | Role |\n|---|---|---|\n|---|---|---|", "no_rows")],
+    [
+        ("", "no_table"),
+        ("The diagram shows an order being received, checked and shipped.", "no_table"),
+        ("I cannot read this image.\n\n```\nno table here\n```", "no_table"),
+        ("---\n---", "no_table"),
+        ("| № | Step | Role |\n|---|---|---|", "no_rows"),
+        ("| № | Step | Role |\n|---|---|---|\n\n| 1 | a | r |", "no_rows"),
+        ("| № | Step | Role |\n|---|---|---|\n|---|---|---|", "no_rows"),
+    ],
 )
 def test_descriptions_without_a_usable_table_are_refused_with_a_reason(text, reason):
     error = refusal(text)
@@ -244,10 +290,17 @@ def test_a_byte_order_mark_before_the_table_is_ignored():
 
 @pytest.mark.parametrize(
     "text",
-    ["\ud800| a | b |\n|---|---|\n| \udfff | \x00 |",
-     "\u200f| № | Step | Role |\u200f\n|---|---|---|\n| 1 | \u202e | r |",
-     "\\" * 10_000 + "|", "|" * 100_000, "|\n" * 100_000, "| a |\n|-|\n" + "|\n" * 100_000,
-     "-|" * 50_000, "|---|\n" * 50_000, ("a | b\n" * 3 + "c\n") * 10_000],
+    [
+        "\ud800| a | b |\n|---|---|\n| \udfff | \x00 |",
+        "\u200f| № | Step | Role |\u200f\n|---|---|---|\n| 1 | \u202e | r |",
+        "\\" * 10_000 + "|",
+        "|" * 100_000,
+        "|\n" * 100_000,
+        "| a |\n|-|\n" + "|\n" * 100_000,
+        "-|" * 50_000,
+        "|---|\n" * 50_000,
+        ("a | b\n" * 3 + "c\n") * 10_000,
+    ],
 )
 def test_hostile_text_is_refused_or_gives_a_table_that_serialises(text):
     try:
@@ -259,8 +312,28 @@ def test_hostile_text_is_refused_or_gives_a_table_that_serialises(text):
 
 # Cells are text without line breaks, trimmed as the parser trims them; a row of only dashes reads as a
 # delimiter row, so tables with one are not generated. Pipes and backslashes are escaped by the renderer.
-TRICKY = st.sampled_from(["|", "\\", "-", ":", " ", "\t", "\x00", "\ud800", "\udfff", "\u200f", "\u202e", "\ufeff",
-                          "№", "`", "*", "\u2028", "\x85", "\x0b"])
+TRICKY = st.sampled_from(
+    [
+        "|",
+        "\\",
+        "-",
+        ":",
+        " ",
+        "\t",
+        "\x00",
+        "\ud800",
+        "\udfff",
+        "\u200f",
+        "\u202e",
+        "\ufeff",
+        "№",
+        "`",
+        "*",
+        "\u2028",
+        "\x85",
+        "\x0b",
+    ]
+)
 CELL = st.text(st.one_of(st.characters(exclude_characters="\r\n"), TRICKY), max_size=12).map(str.strip)
 
 
@@ -274,8 +347,12 @@ def tables(draw: st.DrawFn, filled_edges: bool = False) -> tuple[list[str], list
     width = draw(st.integers(2 if filled_edges else 1, 6))
     edge = CELL.filter(bool) if filled_edges else CELL
     inner = max(width - 2, 0)
-    line = st.builds(lambda first, middle, last: [first, *middle, last][-width:],
-                     edge, st.lists(CELL, min_size=inner, max_size=inner), edge)
+    line = st.builds(
+        lambda first, middle, last: [first, *middle, last][-width:],
+        edge,
+        st.lists(CELL, min_size=inner, max_size=inner),
+        edge,
+    )
     line = line.filter(lambda cells: not is_delimiter_like(cells))
     return draw(line), draw(st.lists(line, min_size=1, max_size=8))
 
@@ -296,8 +373,11 @@ def assert_read_back(table: StructuredTable, columns: list[str], rows: list[list
 
 
 @PROPERTY
-@given(tables(), st.text(st.characters(exclude_characters="|\r\n"), max_size=40),
-       st.text(st.characters(exclude_characters="|\r\n"), max_size=40))
+@given(
+    tables(),
+    st.text(st.characters(exclude_characters="|\r\n"), max_size=40),
+    st.text(st.characters(exclude_characters="|\r\n"), max_size=40),
+)
 def test_a_rendered_table_reads_back_unchanged_with_prose_around_it(table, before, after):
     columns, rows = table
     text = f"{before}\n\n```markdown\n{render_table(columns, rows)}\n```\n\n{after}"
@@ -326,8 +406,12 @@ ROLE_HEADERS = ["Role", "Swimlane", "Роль", "Исполнитель", "Actor
 
 
 @PROPERTY
-@given(st.sampled_from(NUMBER_HEADERS), st.sampled_from(STEP_HEADERS), st.sampled_from(ROLE_HEADERS),
-       st.lists(st.tuples(st.one_of(st.none(), st.integers(0, 10**6)), CELL, CELL), min_size=1, max_size=8))
+@given(
+    st.sampled_from(NUMBER_HEADERS),
+    st.sampled_from(STEP_HEADERS),
+    st.sampled_from(ROLE_HEADERS),
+    st.lists(st.tuples(st.one_of(st.none(), st.integers(0, 10**6)), CELL, CELL), min_size=1, max_size=8),
+)
 def test_numbered_steps_read_back_as_steps(number_header, step_header, role_header, steps):
     rows = [["" if number is None else f"{number}.", step, role] for number, step, role in steps]
     columns = [number_header.upper(), f" {step_header.lower()} ", role_header]

@@ -48,3 +48,28 @@ def stall_while_file_exists(settings: Settings) -> None:
         return warm_up(engine)
 
     QwenVLEngine.warm_up = stalling_warm_up  # type: ignore[method-assign]
+
+
+def fail_or_hang_on_marker(settings: Settings) -> None:
+    """Images whose bytes are b"RAISE" make decoding raise an exception nobody foresaw; images whose
+    bytes are b"HANG" make fetching hang for good: what one record can do to a worker thread."""
+    import threading
+
+    from consumer.images.resolver import ImageResolver
+
+    fetch, decode = ImageResolver.fetch, ImageResolver.decode
+
+    def hanging_fetch(resolver: ImageResolver, ref: Any) -> bytes:
+        data = fetch(resolver, ref)
+        if data == b"HANG":
+            logger.warning("HANG: this fetch thread now waits for good")
+            threading.Event().wait()
+        return data
+
+    def raising_decode(resolver: ImageResolver, data: bytes) -> Any:
+        if data == b"RAISE":
+            raise RuntimeError("injected: a decoder bug nobody foresaw")
+        return decode(resolver, data)
+
+    ImageResolver.fetch = hanging_fetch  # type: ignore[method-assign]
+    ImageResolver.decode = raising_decode  # type: ignore[method-assign]

@@ -79,8 +79,8 @@ class Generator(Protocol):
     def prepare_image(self, image: Image.Image) -> ImageFeatures | None:
         """The per-image part of `generate` (resize, normalise, patchify), run ahead on any thread.
 
-        Thread-safe. None when this engine has no such step or it failed (then `generate` does it and
-        reports any error).
+        Thread-safe. None when this engine has no such step (`generate` then takes the image itself);
+        raises for an image the model cannot take, which the pipeline dead-letters at the `prepare` stage.
         """
 
     def generate(self, requests: Sequence[GenerationRequest]) -> GenerationBatch:

@@ -274,13 +274,10 @@ class QwenVLEngine:
         text: str = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return text
 
-    def prepare_image(self, image: Image.Image) -> ImageFeatures | None:
-        """Resize, normalise and patchify one image (thread-safe); None if that fails here."""
-        try:
-            return self.image_features(image)
-        except Exception as exc:  # noqa: BLE001 - generate prepares it again and reports the error
-            logger.warning("preparing an image ahead of generate failed (%s); generate will retry it", exc)
-            return None
+    def prepare_image(self, image: Image.Image) -> ImageFeatures:
+        """Resize, normalise and patchify one image (thread-safe); raises what the processor raises for an
+        image it refuses (an aspect ratio over 200, say): that event is dead-lettered at `prepare`."""
+        return self.image_features(image)
 
     def image_features(self, image: Image.Image) -> ImageFeatures:
         processed = self.processor.image_processor(images=[image], return_tensors="pt")

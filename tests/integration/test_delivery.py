@@ -302,7 +302,8 @@ def test_sigterm_mid_batch_publishes_commits_and_exits_zero(kafka_bootstrap, ech
 # -- a poison event ------------------------------------------------------------------------------------
 def test_poison_event_does_not_stop_its_partition(kafka_bootstrap, topics, service):
     """The tiny model raises on a 6000x20 banner (Qwen's processor refuses aspect ratios over 200):
-    the event is dead-lettered and the events after it on the same partition get their results."""
+    the event is dead-lettered at `prepare` and the events after it on the same partition get their
+    results. (A batch whose generate fails is retried one by one: tests/unit/stages/test_infer.py.)"""
     banner = io.BytesIO()
     Image.new("RGB", (6000, 20), "white").save(banner, "PNG")
     before, after = ["good-0", "good-1", "good-2"], ["good-3", "good-4", "good-5"]
@@ -321,6 +322,7 @@ def test_poison_event_does_not_stop_its_partition(kafka_bootstrap, topics, servi
     assert len(dead) == 1
     headers = {key: value.decode() for key, value in dead[0].headers()}
     assert headers["event.id"] == "poison" and headers["source.offset"] == str(poison_offset)
+    assert headers["error.stage"] == "prepare" and headers["error.reason"] == "unexpected", headers
     runner.signal()
     assert runner.wait(60) == 0, runner.log()
 

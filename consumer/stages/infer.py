@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 from concurrent.futures import CancelledError
+from concurrent.futures import TimeoutError as FutureTimeout
 
 from consumer.engine.base import GenerationRequest, Generator
 from consumer.errors import FetchError, InferError, ProcessingError
@@ -22,10 +23,20 @@ from consumer.metrics import Metrics
 from consumer.offsets import OffsetTracker
 from consumer.settings import Settings
 from consumer.stages.base import Described, Failed, FatalLatch, Outcome, Stage, WorkItem
+from consumer.stages.resolve import FETCH_ATTEMPTS, FETCH_BACKOFF_S
 
 logger = logging.getLogger(__name__)
 
 _STOP = object()
+DECODE_ALLOWANCE_S = 120.0
+"""Besides the fetch's own deadlines: what decoding and preparing one image may take before infer stops
+waiting for it (a backstop: the fetch and the decoder bound themselves)."""
+
+
+def resolve_wait_s(settings: Settings) -> float:
+    """How long a batch waits for an image that is still being resolved before dead-lettering it."""
+    backoff = sum(FETCH_BACKOFF_S * 2.0**attempt for attempt in range(FETCH_ATTEMPTS - 1))
+    return settings.image_fetch_timeout * FETCH_ATTEMPTS + backoff + DECODE_ALLOWANCE_S
 
 
 class Infer:
@@ -100,6 +111,7 @@ class Infer:
     def _describe(self, batch: list[WorkItem]) -> list[Outcome]:
         outcomes: list[Outcome] = []
         ready: list[tuple[WorkItem, LoadedImage]] = []
+        deadline = time.monotonic() + resolve_wait_s(self.settings)
         for item in batch:
             if not self.tracker.is_current(item.tp, item.epoch):
                 continue  # partition revoked or rewound: its owner processes the event again
@@ -108,7 +120,10 @@ class Infer:
                 continue
             assert item.image is not None  # a parsed event has its image on the way
             try:
-                ready.append((item, item.image.result()))
+                ready.append((item, item.image.result(timeout=max(deadline - time.monotonic(), 0.0))))
+            except FutureTimeout:
+                message = f"the image was not fetched and decoded within {resolve_wait_s(self.settings):.0f} s"
+                outcomes.append(Failed(item, FetchError(message, reason="timeout")))
             except ProcessingError as error:
                 outcomes.append(Failed(item, error))
             except CancelledError:

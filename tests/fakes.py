@@ -18,11 +18,13 @@ from __future__ import annotations
 import base64
 import io
 import itertools
+import json
 import sys
 import threading
 import time
 import zlib
 from collections import deque
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Iterable, Iterator, Literal, Mapping, Sequence, TypeVar, cast
@@ -45,11 +47,11 @@ from PIL import Image
 
 from consumer.engine.base import Generation, GenerationBatch, GenerationRequest, ImageFeatures
 from consumer.errors import ProcessingError
-from consumer.events import ImageRef
+from consumer.events import DiagramEvent, ImageRef
 from consumer.images import LoadedImage
 from consumer.offsets import OffsetTracker, TopicPartitionKey
 from consumer.pipeline import Pipeline
-from consumer.stages.base import InputRecord, MessageRejected
+from consumer.stages.base import Described, InputRecord, MessageRejected, WorkItem
 
 MAX_BLOCK_S = 0.005
 """The longest any fake client call waits (poll and flush return early when there is nothing to do)."""
@@ -968,6 +970,36 @@ class FakeResolver:
                 raise failures.popleft()
         image = self.images.get(reference) or image_of(zlib.crc32(reference.encode()) % 65536)
         return LoadedImage(image=image.copy(), source_bytes=len(reference))
+
+
+# -- work as the stages hand it on ----------------------------------------------------------------------
+def event_value(event_id: str, image: Mapping[str, str] | None = None, **fields: Any) -> bytes:
+    """An input record's value: a diagram event with `image` (default: an inline PNG) and any other fields."""
+    return json.dumps({"id": event_id, "image": image or {"base64": png_base64(1)}, **fields}).encode()
+
+
+def tracked(tracker: OffsetTracker, tp: TopicPartitionKey, offset: int, value: bytes | None = None) -> WorkItem:
+    """A parsed event for a new input record at `offset`, in flight in `tracker` (as resolve leaves it),
+    its image (number `offset`) already resolved. Its key is b"k<offset>"."""
+    epoch = tracker.epoch_of(tp) or tracker.assign(tp)
+    tracker.add(tp, offset)
+    event_id = f"e-{offset}"
+    value = value if value is not None else event_value(event_id, {"url": f"https://images.example.com/{offset}.png"})
+    event = DiagramEvent(id=event_id, image=ImageRef(url=f"https://images.example.com/{offset}.png"))
+    image: Future[LoadedImage] = Future()
+    image.set_result(LoadedImage(image=image_of(offset), source_bytes=100))
+    record = InputRecord(tp[0], tp[1], offset, f"k{offset}".encode(), value)
+    return WorkItem(record, epoch, event=event, image=image, event_id=event_id)
+
+
+def described(
+    tracker: OffsetTracker, tp: TopicPartitionKey, offset: int, text: str = "| 1 | step | role |", **kwargs: Any
+) -> Described:
+    """What infer hands on for a described event at `offset` (see `tracked`)."""
+    item = tracked(tracker, tp, offset, **kwargs)
+    assert item.image is not None
+    generation = Generation(text=text, output_tokens=len(text.split()))
+    return Described(item, item.image.result(), generation, generation_time=0.01, batch_size=1)
 
 
 # -- a stage's neighbours -----------------------------------------------------------------------------

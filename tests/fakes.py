@@ -740,8 +740,9 @@ class FakeProducer:
         transaction = self._open_transaction("commit_transaction")
         with self._serving:
             self._serve(transaction)
-            with self._lock:
+            with self._produced:
                 if any(pending.transaction is transaction for pending in self._pending):
+                    self._produced.wait(MAX_BLOCK_S)  # then librdkafka's answer when the timeout ran out
                     raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "records unacknowledged", retriable=True))
                 if transaction.error is not None:
                     transaction.state = "abortable"

@@ -979,16 +979,24 @@ def event_value(event_id: str, image: Mapping[str, str] | None = None, **fields:
     return json.dumps({"id": event_id, "image": image or {"base64": png_base64(1)}, **fields}).encode()
 
 
-def tracked(tracker: OffsetTracker, tp: TopicPartitionKey, offset: int, value: bytes | None = None) -> WorkItem:
-    """A parsed event for a new input record at `offset`, in flight in `tracker` (as resolve leaves it),
-    its image (number `offset`) already resolved. Its key is b"k<offset>"."""
+def tracked(
+    tracker: OffsetTracker,
+    tp: TopicPartitionKey,
+    offset: int,
+    value: bytes | None = None,
+    image: Future[LoadedImage] | None = None,
+) -> WorkItem:
+    """A parsed event e-<offset> for a new input record at `offset` keyed b"k<offset>", in flight in
+    `tracker` (as resolve leaves it), with `image` or else its image (number `offset`) resolved."""
     epoch = tracker.epoch_of(tp) or tracker.assign(tp)
     tracker.add(tp, offset)
     event_id = f"e-{offset}"
-    value = value if value is not None else event_value(event_id, {"url": f"https://images.example.com/{offset}.png"})
-    event = DiagramEvent(id=event_id, image=ImageRef(url=f"https://images.example.com/{offset}.png"))
-    image: Future[LoadedImage] = Future()
-    image.set_result(LoadedImage(image=image_of(offset), source_bytes=100))
+    url = f"https://images.example.com/{offset}.png"
+    value = value if value is not None else event_value(event_id, {"url": url})
+    event = DiagramEvent(id=event_id, image=ImageRef(url=url))
+    if image is None:
+        image = Future()
+        image.set_result(LoadedImage(image=image_of(offset), source_bytes=100))
     record = InputRecord(tp[0], tp[1], offset, f"k{offset}".encode(), value)
     return WorkItem(record, epoch, event=event, image=image, event_id=event_id)
 

@@ -12,27 +12,15 @@ from concurrent.futures import Future
 import pytest
 
 from consumer.errors import FetchError, InferError, ParseError
-from consumer.events import DiagramEvent, ImageRef
 from consumer.images import LoadedImage
 from consumer.metrics import Metrics
 from consumer.offsets import OffsetTracker
 from consumer.settings import Settings
-from consumer.stages.base import Described, Failed, FatalLatch, InputRecord, Outcome, WorkItem
+from consumer.stages.base import Described, Failed, FatalLatch, Outcome
 from consumer.stages.infer import Infer
-from tests.fakes import Collector, DescribingGenerator, describe, image_of, wait_for
+from tests.fakes import Collector, DescribingGenerator, describe, image_of, tracked, wait_for
 
 TP, OTHER = ("events", 0), ("events", 1)
-
-
-def work(tracker: OffsetTracker, offset: int, tp=TP, image: Future[LoadedImage] | None = None) -> WorkItem:
-    """A parsed event at `offset`, its image (number `offset`) already resolved unless `image` is given."""
-    epoch = tracker.epoch_of(tp) or tracker.assign(tp)
-    tracker.add(tp, offset)
-    event = DiagramEvent(id=f"e-{offset}", image=ImageRef(url=f"https://images.example.com/{offset}.png"))
-    if image is None:
-        image = Future()
-        image.set_result(LoadedImage(image=image_of(offset), source_bytes=100))
-    return WorkItem(InputRecord(tp[0], tp[1], offset, None, b"{}"), epoch, event=event, image=image, event_id=event.id)
 
 
 def said(offset: int) -> str:
@@ -69,10 +57,10 @@ def test_events_that_arrive_within_the_wait_share_one_batch(build):
     generator = DescribingGenerator()
     stage, tracker, metrics, _, collector = build(generator, batch_size=3, batch_max_wait_ms=10_000)
     stage.start()
-    stage.submit(work(tracker, 0))
+    stage.submit(tracked(tracker, TP, 0))
     wait_for(lambda: gathering(stage), what="the thread waiting for more events")
-    stage.submit(work(tracker, 1))
-    stage.submit(work(tracker, 2))
+    stage.submit(tracked(tracker, TP, 1))
+    stage.submit(tracked(tracker, TP, 2))
     wait_for(lambda: collector.taken, what="the batch's outcomes")
     assert generator.calls == [[said(0), said(1), said(2)]]
     (batch,) = collector.taken
@@ -90,7 +78,7 @@ def test_a_batch_is_cut_at_batch_size(build):
     generator = DescribingGenerator()
     stage, tracker, _, _, collector = build(generator, batch_size=2, batch_max_wait_ms=10_000)
     for offset in range(4):
-        stage.submit(work(tracker, offset))
+        stage.submit(tracked(tracker, TP, offset))
     stage.start()
     wait_for(lambda: len(outcomes(collector)) == 4, what="four outcomes")
     assert generator.calls == [[said(0), said(1)], [said(2), said(3)]]
@@ -100,7 +88,7 @@ def test_a_partial_batch_goes_once_the_wait_is_over(build):
     generator = DescribingGenerator()
     stage, tracker, _, _, collector = build(generator, batch_size=8, batch_max_wait_ms=20)
     stage.start()
-    stage.submit(work(tracker, 0))
+    stage.submit(tracked(tracker, TP, 0))
     wait_for(lambda: collector.taken, what="a batch of one")
     assert generator.calls == [[said(0)]]
 
@@ -109,7 +97,7 @@ def test_a_failing_batch_is_retried_one_by_one_so_only_the_poison_event_fails(bu
     generator = DescribingGenerator(poison=lambda text: text == said(1))
     stage, tracker, _, _, collector = build(generator, batch_size=3)
     for offset in range(3):
-        stage.submit(work(tracker, offset))
+        stage.submit(tracked(tracker, TP, offset))
     stage.start()
     wait_for(lambda: collector.taken, what="the batch's outcomes")
     assert generator.calls == [[said(0), said(1), said(2)], [said(0)], [said(1)], [said(2)]]
@@ -124,11 +112,11 @@ def test_a_failing_batch_is_retried_one_by_one_so_only_the_poison_event_fails(bu
 def test_events_that_failed_before_the_model_pass_through_as_failures(build):
     generator = DescribingGenerator()
     stage, tracker, _, _, collector = build(generator, batch_size=3)
-    unparseable = work(tracker, 0)
+    unparseable = tracked(tracker, TP, 0)
     unparseable.failure, unparseable.event, unparseable.image = ParseError("not JSON", reason="not_json"), None, None
     unfetched: Future[LoadedImage] = Future()
     unfetched.set_exception(FetchError("HTTP 404", reason="http_404"))
-    for item in (unparseable, work(tracker, 1, image=unfetched), work(tracker, 2)):
+    for item in (unparseable, tracked(tracker, TP, 1, image=unfetched), tracked(tracker, TP, 2)):
         stage.submit(item)
     stage.start()
     wait_for(lambda: collector.taken, what="the batch's outcomes")
@@ -142,12 +130,12 @@ def test_events_that_failed_before_the_model_pass_through_as_failures(build):
 def test_events_of_a_revoked_or_rewound_partition_are_dropped(build):
     generator = DescribingGenerator()
     stage, tracker, _, _, collector = build(generator, batch_size=3)
-    stale = work(tracker, 0, tp=TP)
-    current = work(tracker, 5, tp=OTHER)
+    stale = tracked(tracker, TP, 0)
+    current = tracked(tracker, OTHER, 5)
     tracker.assign(TP)  # a new epoch: what was in flight for TP belongs to the old one
     stage.submit(stale)
     stage.submit(current)
-    stage.submit(work(tracker, 1, tp=TP))
+    stage.submit(tracked(tracker, TP, 1))
     stage.start()
     wait_for(lambda: collector.taken, what="the batch's outcomes")
     assert [o.item.record.offset for o in collector.taken[0]] == [5, 1]
@@ -159,9 +147,9 @@ def test_join_finishes_the_batch_in_progress_and_starts_no_other(build):
     generator = DescribingGenerator(gate=gate)
     stage, tracker, _, _, collector = build(generator, batch_size=1)
     stage.start()
-    stage.submit(work(tracker, 0))
+    stage.submit(tracked(tracker, TP, 0))
     wait_for(lambda: generator.calls, what="the first batch generating")
-    stage.submit(work(tracker, 1))
+    stage.submit(tracked(tracker, TP, 1))
     assert stage.join(0) is False  # still generating
     gate.set()
     assert stage.join(5) is True
@@ -173,7 +161,7 @@ def test_join_while_a_batch_is_still_gathering_generates_nothing(build):
     generator = DescribingGenerator()
     stage, tracker, _, _, collector = build(generator, batch_size=8, batch_max_wait_ms=10_000)
     stage.start()
-    stage.submit(work(tracker, 0))
+    stage.submit(tracked(tracker, TP, 0))
     wait_for(lambda: gathering(stage), what="the thread waiting for more events")
     assert stage.join(5) is True
     assert generator.calls == [] and collector.taken == []
@@ -184,7 +172,7 @@ def test_an_error_in_the_inference_thread_trips_the_latch(build):
     stage, tracker, _, latch, collector = build(generator, batch_size=1)
     collector.failure = RuntimeError("records stage broke")
     stage.start()
-    stage.submit(work(tracker, 0))
+    stage.submit(tracked(tracker, TP, 0))
     wait_for(latch.tripped, what="the latch tripped")
     assert isinstance(latch.error, RuntimeError) and str(latch.error) == "records stage broke"
     assert stage.join(5) is True  # the thread ended

@@ -57,16 +57,18 @@ MAX_BLOCK_S = 0.005
 """The longest any fake client call waits (poll and flush return early when there is nothing to do)."""
 
 HeaderValue = str | bytes | None
-Headers = Sequence[tuple[str | bytes, HeaderValue]] | Mapping[str, HeaderValue]
+Headers = list[tuple[str, HeaderValue]] | dict[str, HeaderValue]
+"""Record headers as confluent_kafka takes and returns them."""
 StoredHeaders = list[tuple[str, bytes | None]]
+"""Headers as a consumer reads them back: values as bytes."""
 DeliveryCallback = Callable[[KafkaError | None, Message], None]
 RebalanceCallback = Callable[[Any, list[TopicPartition]], None]
 
 T = TypeVar("T")
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 5.0, what: str = "the condition") -> None:
-    """Return once `condition()` holds; fail the test if it does not within `timeout` seconds."""
+def wait_for(condition: Callable[[], object], timeout: float = 5.0, what: str = "the condition") -> None:
+    """Return once `condition()` is true; fail the test if it is not within `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
@@ -82,19 +84,20 @@ topic's max.message.bytes together with the records."""
 
 def _encoded(data: str | bytes | None) -> bytes | None:
     """Keys, values and header values as librdkafka sends them: str as UTF-8, bytes as they are."""
-    if data is None or isinstance(data, bytes):
-        return data
-    if isinstance(data, str):
-        return data.encode()
-    return bytes(data)
+    return data.encode() if isinstance(data, str) else data
 
 
 def _stored_headers(headers: Headers | None) -> StoredHeaders | None:
     """Headers as a consumer reads them back: names as str, values as bytes or None; none as None."""
     if not headers:
         return None
-    pairs = headers.items() if isinstance(headers, Mapping) else headers
-    return [(name.decode() if isinstance(name, bytes) else name, _encoded(value)) for name, value in pairs]
+    pairs = headers.items() if isinstance(headers, dict) else headers
+    return [(name, _encoded(value)) for name, value in pairs]
+
+
+def _as_given(headers: StoredHeaders | None) -> Headers | None:
+    """Stored headers in the type `Message` takes."""
+    return None if headers is None else [(name, value) for name, value in headers]
 
 
 def _varint_size(number: int) -> int:
@@ -129,6 +132,8 @@ def record_batch_size(key: bytes | None, value: bytes | None, headers: StoredHea
 # -- consumer -----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class StoredRecord:
+    """A record in a FakeConsumer's partition log."""
+
     key: bytes | None
     value: bytes | None
     headers: StoredHeaders | None
@@ -446,7 +451,7 @@ class FakeConsumer:
                     offset=position,
                     key=record.key,
                     value=record.value,
-                    headers=record.headers,
+                    headers=_as_given(record.headers),
                     timestamp=(TIMESTAMP_CREATE_TIME, record.timestamp_ms),
                 )
             return None
@@ -532,6 +537,8 @@ class Transaction:
 
 @dataclass
 class _Pending:
+    """A produced record waiting for its delivery report."""
+
     message: Message
     on_delivery: DeliveryCallback | None
     transaction: Transaction | None
@@ -693,7 +700,7 @@ class FakeProducer:
                 offset=offset,
                 key=stored_key,
                 value=_encoded(value),
-                headers=_stored_headers(headers),
+                headers=_as_given(_stored_headers(headers)),
                 timestamp=(TIMESTAMP_CREATE_TIME, timestamp or int(time.time() * 1000)),
             )
             self._pending.append(_Pending(message, on_delivery or callback, transaction))
@@ -832,7 +839,8 @@ class FakeProducer:
                     ]
                     if not ready:
                         return served
-                    self._pending = [pending for pending in self._pending if pending not in ready]
+                    taken = {id(pending) for pending in ready}
+                    self._pending = [pending for pending in self._pending if id(pending) not in taken]
                     outcomes = [(pending, self._delivery_outcome(pending)) for pending in ready]
                 for pending, error in outcomes:
                     served += 1
@@ -845,7 +853,8 @@ class FakeProducer:
         message = pending.message
         limit = self.topic_limits.get(str(message.topic()))
         error: KafkaError | None = None
-        if limit is not None and record_batch_size(message.key(), message.value(), message.headers()) > limit:
+        size = record_batch_size(message.key(), message.value(), _stored_headers(message.headers()))
+        if limit is not None and size > limit:
             error = KafkaError(KafkaError.MSG_SIZE_TOO_LARGE)
         elif self.delivery_error is not None:
             error = self.delivery_error(message)
@@ -993,7 +1002,7 @@ def tracked(
     event_id = f"e-{offset}"
     url = f"https://images.example.com/{offset}.png"
     value = value if value is not None else event_value(event_id, {"url": url})
-    event = DiagramEvent(id=event_id, image=ImageRef(url=url))
+    event = DiagramEvent.model_validate({"id": event_id, "image": {"url": url}})
     if image is None:
         image = Future()
         image.set_result(LoadedImage(image=image_of(offset), source_bytes=100))

@@ -42,7 +42,7 @@ class Run:
     partitions: int
 
     def until(self, condition: Callable[[], object], what: str) -> None:
-        wait_for(lambda: bool(condition()), DEADLINE, what)
+        wait_for(condition, DEADLINE, what)
 
     def assigned(self) -> set[TopicPartitionKey]:
         return {(p.topic, p.partition) for p in self.consumer.assignment()}

@@ -135,8 +135,11 @@ def test_a_held_record_of_a_revoked_partition_is_dropped(rig, monkeypatch):
     r.run_until(lambda: r.consumer.paused == {P0, P1}, "the second record held and the partitions paused")
     assert r.window.offsets(P0) == [0]
 
+    tracked_while_revoking: list[bool] = []
+    r.listener.inside = lambda tps: tracked_while_revoking.append(r.tracker.epoch_of(P0) is not None)
     r.consumer.revoke([P0])
     r.rounds(3)
+    assert tracked_while_revoking == [True]  # the delivery keeps what it may before the work is forgotten
     r.consumer.append(TOPIC, 1, b"other partition")
     r.run_until(lambda: r.window.offsets(P1) == [0], "the other partition's record taken")
     assert r.window.offsets(P0) == [0]  # the held record went with its partition

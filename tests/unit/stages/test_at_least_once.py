@@ -1,0 +1,201 @@
+"""At-least-once delivery: an input offset is committed only once its result or dead letter is acknowledged,
+a failed publish stops all commits, and an oversized record is settled by its fallback instead.
+
+Driven with a FakeProducer (librdkafka's own size checks, per-topic limits in the delivery callback) and
+a FakeConsumer; records are built by the real Records stage, so their fallbacks are the real ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+from confluent_kafka import KafkaError, KafkaException
+
+from consumer.engine.echo import EchoEngine
+from consumer.events import DeadLetterHeaders
+from consumer.metrics import Metrics
+from consumer.offsets import OffsetTracker
+from consumer.settings import Settings
+from consumer.stages.base import FatalLatch
+from consumer.stages.delivery import at_least_once
+from consumer.stages.delivery.at_least_once import AtLeastOnce
+from consumer.stages.records import Records
+from consumer.state import ServiceState
+from tests.fakes import FakeConsumer, FakeProducer, described
+
+TP = ("events", 0)
+
+
+@dataclass
+class Rig:
+    delivery: AtLeastOnce
+    records: Records
+    producer: FakeProducer
+    consumer: FakeConsumer
+    tracker: OffsetTracker
+    latch: FatalLatch
+    state: ServiceState
+    metrics: Metrics
+
+    def publish(self, offsets: list[int], text: str = "| 1 | step | role |", **kwargs) -> None:
+        """Results for new input records at `offsets`, handed to delivery as one batch."""
+        self.records.submit([described(self.tracker, TP, offset, text, **kwargs) for offset in offsets])
+
+    def sample(self, name: str, **labels: str) -> float | None:
+        return self.metrics.registry.get_sample_value(name, labels)
+
+
+@pytest.fixture
+def rig(monkeypatch):
+    monkeypatch.setattr(at_least_once, "COMMIT_INTERVAL_S", 0.0)  # every poll commits what is done
+
+    def build(message_max_bytes: int = 1_000_000, topic_limits: dict[str, int] | None = None) -> Rig:
+        settings = Settings.from_environ({}, output_topic="results", dlq_topic="dead-letters")
+        consumer = FakeConsumer({"group.id": "delivery-test"}, partitions={TP[0]: 1})
+        consumer.subscribe([TP[0]])
+        consumer.poll(0)  # joins the group: TP is assigned
+        producer = FakeProducer({"message.max.bytes": message_max_bytes}, topic_limits=topic_limits)
+        tracker, metrics, latch, state = OffsetTracker(), Metrics(), FatalLatch(), ServiceState(model="test")
+        delivery = AtLeastOnce(producer, consumer, tracker, metrics, latch, state)
+        consumer.on_commit = delivery.on_commit
+        records = Records(settings, EchoEngine().load(), metrics, delivery)
+        return Rig(delivery, records, producer, consumer, tracker, latch, state, metrics)
+
+    return build
+
+
+def dead_letter_headers(rig: Rig) -> list[DeadLetterHeaders]:
+    return [
+        DeadLetterHeaders.model_validate({name: value.decode() for name, value in message.headers() or []})
+        for message in rig.producer.records_in("dead-letters")
+    ]
+
+
+def test_offsets_are_committed_only_up_to_the_first_unacknowledged_result(rig):
+    r = rig()
+    r.producer.hold = lambda message: message.key() == b"k10"
+    r.publish([10, 11, 12])
+    r.delivery.poll(0)
+    assert [m.key() for m in r.producer.records_in("results")] == [b"k11", b"k12"]
+    assert r.consumer.committed_offsets == {TP: 10}  # 11 and 12 are done, 10 is not
+
+    r.producer.hold = None
+    r.delivery.poll(0)
+    assert r.consumer.committed_offsets == {TP: 13}
+    assert r.sample("diagram_committed_offset", topic="events", partition="0") == 13
+    assert r.sample("diagram_events_total", outcome="ok") == 3
+    assert r.consumer.unowned_commits == []
+
+
+def test_a_failed_publish_trips_the_latch_and_nothing_more_is_committed(rig):
+    r = rig()
+    r.producer.delivery_error = lambda m: KafkaError(KafkaError._MSG_TIMED_OUT) if m.key() == b"k11" else None
+    r.publish([10, 11, 12])
+    r.delivery.poll(0)
+    assert r.latch.tripped()
+    assert isinstance(r.latch.error, KafkaException) and r.latch.error.args[0].code() == KafkaError._MSG_TIMED_OUT
+    r.publish([13])
+    r.delivery.poll(0)
+    assert r.delivery.join(1) is False
+    assert r.consumer.committed_offsets == {}  # 10 and 12 were acknowledged, but after an error nothing goes
+
+
+def test_a_result_over_the_producers_limit_is_replaced_by_a_dead_letter(rig):
+    r = rig(message_max_bytes=1000)
+    r.publish([10], text="x" * 2000)
+    r.delivery.poll(0)
+    assert r.producer.records_in("results") == []
+    (headers,) = dead_letter_headers(r)
+    assert (headers.error_stage, headers.error_reason, headers.source_offset) == ("publish", "too_large", "10")
+    assert "the producer's message.max.bytes" in headers.error_message
+    assert r.consumer.committed_offsets == {TP: 11}
+    assert r.sample("diagram_events_total", outcome="dead_lettered") == 1
+
+
+def test_a_result_the_topic_refuses_is_replaced_by_a_dead_letter(rig):
+    r = rig(topic_limits={"results": 500})
+    r.publish([10], text="x" * 600)
+    r.delivery.poll(0)
+    assert [message.key() for message, _ in r.producer.failed] == [b"k10"]
+    assert r.producer.records_in("results") == []
+    (headers,) = dead_letter_headers(r)
+    assert (headers.error_stage, headers.error_reason) == ("publish", "too_large")
+    assert "what results accepts (max.message.bytes)" in headers.error_message
+    assert r.consumer.committed_offsets == {TP: 11}
+
+
+def test_an_input_too_large_for_the_dead_letter_topic_is_settled_without_its_value(rig):
+    r = rig(topic_limits={"results": 300, "dead-letters": 600})
+    r.publish([10], text="x" * 400, value=b'{"id": "e-10", "pad": "' + b"y" * 700 + b'"}')
+    r.delivery.poll(0)
+    (dead,) = r.producer.records_in("dead-letters")
+    assert dead.value() is None and dead.key() == b"k10"
+    (headers,) = dead_letter_headers(r)
+    assert headers.error_value_omitted is not None and int(headers.error_value_omitted) > 700
+    assert r.consumer.committed_offsets == {TP: 11}
+
+
+def test_a_refused_commit_is_made_again(rig):
+    r = rig()
+    r.consumer.commit_error = KafkaError(KafkaError.REBALANCE_IN_PROGRESS)
+    r.publish([10])
+    r.delivery.poll(0)
+    r.consumer.poll(0)  # the consumer answers the commit: refused
+    r.consumer.commit_error = None
+    r.delivery.poll(0)
+    assert r.consumer.committed_offsets == {TP: 11}
+
+
+def test_results_of_a_revoked_partition_are_not_published(rig):
+    r = rig()
+    outcome = described(r.tracker, TP, 10)
+    r.tracker.revoke(TP)
+    r.records.submit([outcome])
+    r.delivery.poll(0)
+    assert r.producer.records == [] and len(r.producer) == 0
+    assert r.consumer.committed_offsets == {}
+
+
+def test_revoking_commits_what_was_acknowledged_before_the_partitions_go(rig, monkeypatch):
+    monkeypatch.setattr(at_least_once, "COMMIT_INTERVAL_S", 3600.0)
+    r = rig()
+    r.publish([10, 11])  # produced, acknowledgements not yet served
+    with r.delivery.revoking([TP], broker_ok=True):
+        assert r.consumer.committed_offsets == {TP: 12}
+        r.tracker.revoke(TP)
+    assert r.consumer.unowned_commits == []
+
+
+def test_lost_partitions_commit_nothing(rig, monkeypatch):
+    monkeypatch.setattr(at_least_once, "COMMIT_INTERVAL_S", 3600.0)
+    r = rig()
+    r.publish([10])
+    with r.delivery.revoking([TP], broker_ok=True, lost=True):
+        r.tracker.revoke(TP)
+    assert r.consumer.committed_offsets == {}
+
+
+def test_join_publishes_what_is_queued_and_commits_it(rig, monkeypatch):
+    monkeypatch.setattr(at_least_once, "COMMIT_INTERVAL_S", 3600.0)
+    r = rig()
+    r.publish([10, 11])
+    assert r.delivery.join(1) is True
+    assert len(r.producer) == 0 and r.consumer.committed_offsets == {TP: 12}
+
+
+def test_join_reports_unacknowledged_work_and_commits_only_below_it(rig, monkeypatch):
+    monkeypatch.setattr(at_least_once, "COMMIT_INTERVAL_S", 3600.0)
+    r = rig()
+    r.producer.hold = lambda message: message.key() == b"k11"
+    r.publish([10, 11, 12])
+    assert r.delivery.join(1) is False
+    assert r.consumer.committed_offsets == {TP: 11}
+
+
+def test_join_commits_nothing_while_the_broker_is_unreachable(rig):
+    r = rig()
+    r.state.broker_ok = False
+    r.publish([10])
+    assert r.delivery.join(1) is False
+    assert r.consumer.committed_offsets == {}

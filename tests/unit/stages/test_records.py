@@ -1,0 +1,138 @@
+"""Records: what a result and a dead letter look like to whoever reads the output topics, and what
+settles an input when its record is too large to publish.
+
+The values and headers are read back through the contracts in consumer/events.py, as a downstream
+consumer would read them.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+
+import pytest
+
+from consumer.engine.base import Generation
+from consumer.engine.echo import EchoEngine
+from consumer.errors import FetchError, ParseError
+from consumer.events import DeadLetterHeaders, DiagramEvent, DiagramResult, ImageRef, Source
+from consumer.images import LoadedImage
+from consumer.metrics import Metrics
+from consumer.settings import Settings
+from consumer.stages.base import Described, Failed, InputRecord, OutgoingRecord, WorkItem
+from consumer.stages.records import MAX_ERROR_MESSAGE_CHARS, Records
+from tests.fakes import Collector, image_of
+
+SOURCE = InputRecord("events", 2, 41, b"order-41", b'{"id": "e-41", "image": {"url": "https://x/41.png"}}')
+INFO = EchoEngine().load()
+
+
+@pytest.fixture
+def stage():
+    settings = Settings.from_environ({}, output_topic="results", dlq_topic="dead-letters", max_event_bytes=100)
+    collector = Collector[list[OutgoingRecord]]()
+    return Records(settings, INFO, Metrics(), collector), collector
+
+
+def described(batch_size: int = 2) -> Described:
+    event = DiagramEvent(id="e-41", image=ImageRef(url="https://x/41.png"), metadata={"tenant": "acme"})
+    image: Future[LoadedImage] = Future()
+    loaded = LoadedImage(image=image_of(41, size=(64, 48)), source_bytes=1234)
+    image.set_result(loaded)
+    item = WorkItem(SOURCE, epoch=3, event=event, image=image, event_id=event.id)
+    return Described(item, loaded, Generation(text="| 1 | Receive order | Sales |", output_tokens=9), 0.25, batch_size)
+
+
+def failed(error, source: InputRecord = SOURCE, event_id: str | None = "e-41") -> Failed:
+    return Failed(WorkItem(source, epoch=3, failure=error, event_id=event_id), error)
+
+
+def headers_of(record: OutgoingRecord) -> DeadLetterHeaders:
+    assert record.headers is not None
+    return DeadLetterHeaders.model_validate(dict(record.headers))
+
+
+def test_a_result_carries_the_description_and_its_metadata(stage):
+    records, collector = stage
+    records.submit([described()])
+    ((result,),) = collector.taken
+    assert (result.topic, result.key, result.headers, result.outcome) == ("results", b"order-41", None, "ok")
+    assert (result.source, result.epoch) == (SOURCE, 3)
+    parsed = DiagramResult.model_validate_json(result.value)
+    assert parsed.id == "e-41" and parsed.description == "| 1 | Receive order | Sales |"
+    assert parsed.input_metadata == {"tenant": "acme"}
+    metadata = parsed.metadata
+    assert metadata.source == Source(topic="events", partition=2, offset=41)
+    assert (metadata.model, metadata.adapter, metadata.device) == (INFO.model, INFO.adapter, INFO.device)
+    assert (metadata.image_size, metadata.output_tokens, metadata.batch_size) == ((64, 48), 9, 2)
+    assert metadata.generation_time == 0.25 and metadata.inference_time >= 0
+
+
+def test_a_dead_letter_keeps_the_input_and_says_what_failed_in_its_headers(stage):
+    records, collector = stage
+    error = FetchError("HTTP 404 from images.example.com", reason="http_404")
+    error.attempts = 3
+    records.submit([failed(error)])
+    ((dead,),) = collector.taken
+    assert (dead.topic, dead.outcome) == ("dead-letters", "dead_lettered")
+    assert (dead.key, dead.value) == (SOURCE.key, SOURCE.value)
+    headers = headers_of(dead)
+    assert (headers.error_stage, headers.error_class, headers.error_reason) == ("fetch", "FetchError", "http_404")
+    assert headers.error_message == "HTTP 404 from images.example.com" and headers.error_attempts == "3"
+    assert (headers.source_topic, headers.source_partition, headers.source_offset) == ("events", "2", "41")
+    assert headers.event_id == "e-41" and headers.error_value_omitted is None
+    failures = records.metrics.registry.get_sample_value(
+        "diagram_event_failures_total", {"stage": "fetch", "reason": "http_404"}
+    )
+    assert failures == 1
+
+
+def test_outcomes_keep_their_order_and_an_unknown_id_is_left_out(stage):
+    records, collector = stage
+    records.submit([failed(ParseError("value is not JSON", reason="not_json"), event_id=None), described()])
+    dead, result = collector.taken[0]
+    assert dead.topic == "dead-letters" and result.topic == "results"
+    assert "event.id" not in dict(dead.headers or [])
+
+
+def test_a_long_error_message_is_cut(stage):
+    records, collector = stage
+    records.submit([failed(ParseError("x" * 10_000, reason="invalid_field"))])
+    assert len(headers_of(collector.taken[0][0]).error_message) == MAX_ERROR_MESSAGE_CHARS
+
+
+def test_an_input_over_max_event_bytes_is_dead_lettered_without_its_value(stage):
+    records, collector = stage
+    oversized = InputRecord("events", 0, 9, b"k", b"{" + b" " * 148 + b"}")
+    records.submit([failed(ParseError("event is 150 bytes", reason="too_large"), source=oversized)])
+    ((dead,),) = collector.taken
+    assert dead.value is None and dead.key == b"k"
+    assert headers_of(dead).error_value_omitted == "150"
+    assert dead.fallback is None  # nothing smaller to fall back to
+
+
+def test_a_result_too_large_to_publish_falls_back_to_a_publish_dead_letter(stage):
+    records, collector = stage
+    records.submit([described()])
+    result = collector.taken[0][0]
+    assert result.fallback is not None
+    dead = result.fallback("what results accepts (max.message.bytes)")
+    assert (dead.topic, dead.outcome) == ("dead-letters", "dead_lettered")
+    assert (dead.key, dead.value) == (SOURCE.key, SOURCE.value)
+    assert (dead.source, dead.epoch, dead.event_id) == (SOURCE, 3, "e-41")
+    headers = headers_of(dead)
+    assert (headers.error_stage, headers.error_class, headers.error_reason) == ("publish", "PublishError", "too_large")
+    assert f"result is {len(result.value)} bytes" in headers.error_message
+    assert "what results accepts (max.message.bytes)" in headers.error_message
+
+
+def test_a_dead_letter_too_large_to_publish_falls_back_to_one_without_its_value(stage):
+    records, collector = stage
+    records.submit([failed(FetchError("HTTP 404", reason="http_404"))])
+    dead = collector.taken[0][0]
+    assert dead.fallback is not None
+    smaller = dead.fallback("the producer's message.max.bytes")
+    assert smaller.value is None and smaller.key == SOURCE.key and smaller.topic == "dead-letters"
+    headers = headers_of(smaller)
+    assert headers.error_value_omitted == str(len(SOURCE.value))
+    assert headers.error_reason == "http_404"  # still the original failure
+    assert smaller.fallback is None

@@ -1,0 +1,149 @@
+"""Resolve: the in-flight window is enforced here, every record goes on (as an event or as a failure to
+dead-letter), transient fetch failures are retried and counted, and prepared images let their pixels go.
+
+Driven with a FakeResolver and a DescribingGenerator; the real resolver's own cases are in
+tests/unit/images/test_resolver.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from consumer.errors import DecodeError, FetchError, ParseError
+from consumer.metrics import Metrics
+from consumer.offsets import OffsetTracker
+from consumer.settings import Settings
+from consumer.stages import resolve as resolve_module
+from consumer.stages.base import InputRecord, MessageRejected, WorkItem
+from consumer.stages.resolve import Resolve
+from tests.fakes import Collector, DescribingGenerator, FakeResolver, describe, image_of
+
+TP = ("events", 0)
+URL = "https://images.example.com/diagram.png"
+
+
+def record(offset: int, value: bytes | None) -> InputRecord:
+    return InputRecord(TP[0], TP[1], offset, b"key", value)
+
+
+def event(event_id: str = "e-1", url: str = URL) -> bytes:
+    return json.dumps({"id": event_id, "image": {"url": url}}).encode()
+
+
+@pytest.fixture(autouse=True)
+def no_backoff(monkeypatch):
+    monkeypatch.setattr(resolve_module, "FETCH_BACKOFF_S", 0.0)
+
+
+@pytest.fixture
+def build():
+    stages: list[Resolve] = []
+
+    def make(max_in_flight: int = 64, prepares: bool = False, resolver: FakeResolver | None = None):
+        settings = Settings.from_environ({}, max_in_flight=max_in_flight, fetch_workers=2)
+        tracker, metrics, collector = OffsetTracker(), Metrics(), Collector[WorkItem]()
+        stage = Resolve(
+            settings, tracker, resolver or FakeResolver(), DescribingGenerator(prepares=prepares), metrics, collector
+        )
+        stages.append(stage)
+        return stage, tracker, metrics, collector
+
+    yield make
+    for stage in stages:
+        stage.close()
+
+
+def test_a_full_window_refuses_the_record_and_tracks_nothing_of_it(build):
+    stage, tracker, _, collector = build(max_in_flight=2)
+    stage.submit(record(0, event("a")))
+    stage.submit(record(1, event("b")))
+    with pytest.raises(MessageRejected):
+        stage.submit(record(2, event("c")))
+    assert tracker.in_flight() == 2
+    assert [item.record.offset for item in collector.taken] == [0, 1]
+
+    tracker.done(TP, 0, collector.taken[0].epoch)
+    stage.submit(record(2, event("c")))  # offered again once there is room
+    assert [item.event_id for item in collector.taken] == ["a", "b", "c"]
+
+
+def test_an_unparseable_record_goes_on_as_a_failure_with_the_id_it_names(build):
+    resolver = FakeResolver()
+    stage, tracker, _, collector = build(resolver=resolver)
+    stage.submit(record(7, b'{"id": "order-7", "image": {"url": 42}}'))
+    stage.submit(record(8, b"\xff not json"))
+    first, second = collector.taken
+    assert isinstance(first.failure, ParseError) and first.failure.reason == "invalid_field"
+    assert first.event_id == "order-7" and first.image is None
+    assert isinstance(second.failure, ParseError) and second.failure.reason == "not_json"
+    assert second.event_id is None
+    assert tracker.in_flight() == 2  # tracked: its dead letter settles it
+    assert resolver.calls == []
+
+
+def test_a_valid_event_goes_on_at_once_with_its_image_on_the_way(build):
+    stage, _, metrics, collector = build(resolver=FakeResolver({URL: image_of(5)}))
+    stage.submit(record(0, event("e-1")))
+    (item,) = collector.taken
+    assert item.event is not None and item.event.id == "e-1" and item.failure is None
+    loaded = item.image.result(timeout=5)
+    assert describe(loaded.image) == describe(image_of(5))
+    assert metrics.registry.get_sample_value("diagram_stage_duration_seconds_count", {"stage": "fetch"}) == 1
+
+
+def test_transient_fetch_failures_are_retried_and_counted(build):
+    resolver = FakeResolver()
+    resolver.fail(URL, FetchError("timed out", reason="timeout", retryable=True))
+    resolver.fail(URL, FetchError("HTTP 503", reason="http_503", retryable=True))
+    stage, _, metrics, collector = build(resolver=resolver)
+    stage.submit(record(0, event()))
+    loaded = collector.taken[0].image.result(timeout=5)
+    assert loaded.image is not None
+    assert resolver.calls == [URL] * 3
+    assert metrics.registry.get_sample_value("diagram_events_total", {"outcome": "retried"}) == 2
+
+
+def test_a_fetch_that_keeps_failing_gives_up_after_fetch_attempts(build):
+    resolver = FakeResolver()
+    resolver.fail(URL, *[FetchError("HTTP 503", reason="http_503", retryable=True)] * 5)
+    stage, _, _, collector = build(resolver=resolver)
+    stage.submit(record(0, event()))
+    with pytest.raises(FetchError) as failure:
+        collector.taken[0].image.result(timeout=5)
+    assert failure.value.attempts == resolve_module.FETCH_ATTEMPTS
+    assert len(resolver.calls) == resolve_module.FETCH_ATTEMPTS
+
+
+@pytest.mark.parametrize(
+    "error",
+    [FetchError("HTTP 404", reason="http_404"), DecodeError("not an image", reason="not_an_image")],
+    ids=["fetch", "decode"],
+)
+def test_a_permanent_failure_is_not_retried(build, error):
+    resolver = FakeResolver()
+    resolver.fail(URL, error)
+    stage, _, metrics, collector = build(resolver=resolver)
+    stage.submit(record(0, event()))
+    with pytest.raises(type(error)) as failure:
+        collector.taken[0].image.result(timeout=5)
+    assert failure.value.attempts == 1 and resolver.calls == [URL]
+    assert metrics.registry.get_sample_value("diagram_events_total", {"outcome": "retried"}) == 0
+
+
+def test_a_prepared_image_lets_its_pixels_go_and_keeps_its_size(build):
+    resolver = FakeResolver({URL: image_of(3, size=(40, 30))})
+    stage, _, _, collector = build(prepares=True, resolver=resolver)
+    stage.submit(record(0, event()))
+    loaded = collector.taken[0].image.result(timeout=5)
+    assert loaded.image is None and loaded.prepared is not None
+    assert loaded.size == (40, 30)
+
+
+def test_a_record_of_a_partition_being_rewound_is_dropped(build):
+    stage, tracker, _, collector = build()
+    tracker.assign(TP)
+    tracker.hold(TP)
+    stage.submit(record(5, event()))
+    assert collector.taken == [] and tracker.in_flight() == 0

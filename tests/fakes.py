@@ -46,7 +46,7 @@ from confluent_kafka import (
 from PIL import Image
 
 from consumer.engine.base import Generation, GenerationBatch, GenerationRequest, ImageFeatures
-from consumer.errors import ProcessingError
+from consumer.errors import DecodeError, ProcessingError
 from consumer.events import DiagramEvent, ImageRef
 from consumer.images import LoadedImage
 from consumer.offsets import OffsetTracker, TopicPartitionKey
@@ -972,14 +972,28 @@ class FakeResolver:
             self._failures.setdefault(reference, deque()).extend(errors)
 
     def resolve(self, ref: ImageRef) -> LoadedImage:
+        data = self.fetch(ref)
+        return LoadedImage(image=self.decode(data), source_bytes=len(data))
+
+    def fetch(self, ref: ImageRef) -> bytes:
+        """The reference itself as the image's bytes; a scripted FetchError is raised here, a scripted
+        DecodeError by the `decode` of these bytes."""
         reference = ref.url or ref.path or ref.base64 or ""
         with self._lock:
             self.calls.append(reference)
             failures = self._failures.get(reference)
-            if failures:
+            if failures and not isinstance(failures[0], DecodeError):
                 raise failures.popleft()
-        image = self.images.get(reference) or image_of(zlib.crc32(reference.encode()) % 65536)
-        return LoadedImage(image=image.copy(), source_bytes=len(reference))
+        return reference.encode()
+
+    def decode(self, data: bytes) -> Image.Image:
+        reference = data.decode()
+        with self._lock:
+            failures = self._failures.get(reference)
+            if failures and isinstance(failures[0], DecodeError):
+                raise failures.popleft()
+        image = self.images.get(reference) or image_of(zlib.crc32(data) % 65536)
+        return image.copy()
 
 
 # -- work as the stages hand it on ----------------------------------------------------------------------

@@ -7,6 +7,7 @@ consumer would read them.
 
 from __future__ import annotations
 
+import hashlib
 from concurrent.futures import Future
 
 import pytest
@@ -14,12 +15,13 @@ import pytest
 from consumer.engine.base import Generation
 from consumer.engine.echo import EchoEngine
 from consumer.errors import FetchError, ParseError
+from consumer.events import MAX_MESSAGE_CHARS as MAX_ERROR_MESSAGE_CHARS
 from consumer.events import DeadLetterHeaders, DiagramEvent, DiagramResult, ImageRef, Source
 from consumer.images import LoadedImage
 from consumer.metrics import Metrics
 from consumer.settings import Settings
-from consumer.stages.base import Described, Failed, InputRecord, OutgoingRecord, WorkItem
-from consumer.stages.records import MAX_ERROR_MESSAGE_CHARS, Records
+from consumer.stages.base import PRODUCER_LIMIT, Described, Failed, InputRecord, OutgoingRecord, WorkItem, topic_limit
+from consumer.stages.records import Records
 from tests.fakes import Collector, image_of
 
 SOURCE = InputRecord("events", 2, 41, b"order-41", b'{"id": "e-41", "image": {"url": "https://x/41.png"}}')
@@ -107,7 +109,10 @@ def test_an_input_over_max_event_bytes_is_dead_lettered_without_its_value(stage)
     ((dead,),) = collector.taken
     assert dead.value is None and dead.key == b"k"
     assert headers_of(dead).error_value_omitted == "150"
-    assert dead.fallback is None  # nothing smaller to fall back to
+    assert dead.fallback is not None  # smaller still: the key hashed
+    hashed = dead.fallback(PRODUCER_LIMIT)
+    assert hashed.key == hashlib.sha256(b"k").hexdigest().encode() and hashed.fallback is None
+    assert headers_of(hashed).error_key_hashed == "1" and headers_of(hashed).error_value_omitted == "150"
 
 
 def test_a_result_too_large_to_publish_falls_back_to_a_publish_dead_letter(stage):
@@ -115,14 +120,16 @@ def test_a_result_too_large_to_publish_falls_back_to_a_publish_dead_letter(stage
     records.submit([described()])
     result = collector.taken[0][0]
     assert result.fallback is not None
-    dead = result.fallback("what results accepts (max.message.bytes)")
+    dead = result.fallback(topic_limit("results"))
     assert (dead.topic, dead.outcome) == ("dead-letters", "dead_lettered")
     assert (dead.key, dead.value) == (SOURCE.key, SOURCE.value)
     assert (dead.source, dead.epoch, dead.event_id) == (SOURCE, 3, "e-41")
     headers = headers_of(dead)
     assert (headers.error_stage, headers.error_class, headers.error_reason) == ("publish", "PublishError", "too_large")
-    assert f"result is {len(result.value)} bytes" in headers.error_message
+    assert f"the result ({len(result.value)} bytes) was refused" in headers.error_message
     assert "what results accepts (max.message.bytes)" in headers.error_message
+    refused = result.fallback("the producer refused it: TypeError: bad header")
+    assert headers_of(refused).error_reason == "refused" and "bad header" in headers_of(refused).error_message
 
 
 def test_a_dead_letter_too_large_to_publish_falls_back_to_one_without_its_value(stage):
@@ -130,9 +137,12 @@ def test_a_dead_letter_too_large_to_publish_falls_back_to_one_without_its_value(
     records.submit([failed(FetchError("HTTP 404", reason="http_404"))])
     dead = collector.taken[0][0]
     assert dead.fallback is not None
-    smaller = dead.fallback("the producer's message.max.bytes")
+    smaller = dead.fallback(PRODUCER_LIMIT)
     assert smaller.value is None and smaller.key == SOURCE.key and smaller.topic == "dead-letters"
     headers = headers_of(smaller)
     assert headers.error_value_omitted == str(len(SOURCE.value))
     assert headers.error_reason == "http_404"  # still the original failure
-    assert smaller.fallback is None
+    assert smaller.fallback is not None
+    smallest = smaller.fallback(PRODUCER_LIMIT)  # a key too large to send again: its SHA-256 instead
+    assert smallest.key == hashlib.sha256(SOURCE.key).hexdigest().encode()
+    assert headers_of(smallest).error_key_hashed == str(len(SOURCE.key)) and smallest.fallback is None

@@ -137,17 +137,18 @@ class ExactlyOnce(DeliveryBase):
             if self.latch.tripped():
                 self._abort(set(), "the service is stopping on an unrecoverable error")
                 return
-            revoked = {
-                record.source_tp for record in sent if not self.tracker.is_current(record.source_tp, record.epoch)
-            }
-            if revoked:
-                # Its results must not commit without its offsets: the partition's new owner redoes them.
-                self._abort({record.source_tp for record in sent} - revoked, f"{sorted(revoked)} revoked meanwhile")
-                return
             for record in sent:
                 self.tracker.done(record.source_tp, record.source.offset, record.epoch)
             touched = {record.source_tp for record in sent}
             points = self.tracker.commit_points(sorted(touched))
+            # A partition revoked while this transaction was open (REVOKE_TIMEOUT ran out) may be missing
+            # from `points`: its results must not commit without its offsets, so the transaction aborts
+            # and its new owner redoes them. Revoked after this check, its offsets go in with the
+            # transaction, and the new owner's read of them waits for it to end (KIP-447).
+            revoked = {tp for tp in touched if not self.tracker.is_current(tp, self._epoch_of(sent, tp))}
+            if revoked:
+                self._abort(touched - revoked, f"{sorted(revoked)} revoked meanwhile")
+                return
             try:
                 if points:
                     offsets = [TopicPartition(t, p, o) for (t, p), o in points.items()]
@@ -162,6 +163,10 @@ class ExactlyOnce(DeliveryBase):
                     self._refused.pop(record.shape, None)
             for record in sent:
                 self._count(record, began)
+
+    @staticmethod
+    def _epoch_of(sent: list[OutgoingRecord], tp: TopicPartitionKey) -> int:
+        return next(record.epoch for record in sent if record.source_tp == tp)
 
     def _on_delivery(self, record: OutgoingRecord) -> Callable[[KafkaError | None, Message], None]:
         def on_delivery(error: KafkaError | None, _published: Message) -> None:

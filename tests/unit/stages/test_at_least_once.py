@@ -199,3 +199,33 @@ def test_join_commits_nothing_while_the_broker_is_unreachable(rig):
     r.publish([10])
     assert r.delivery.join(1) is False
     assert r.consumer.committed_offsets == {}
+
+
+def test_a_record_the_broker_refuses_for_good_is_settled_by_its_fallback(rig):
+    """INVALID_RECORD (say, no key on a compacted topic) is about the record, not the broker: its dead
+    letter settles the input, and the replica goes on."""
+    r = rig()
+    r.producer.delivery_error = lambda message: (
+        KafkaError(KafkaError.INVALID_RECORD) if message.topic() == "results" else None
+    )
+    r.publish([0])
+    r.producer.flush(1)
+    r.delivery.poll()
+    assert not r.latch.tripped()
+    [dead] = dead_letter_headers(r)
+    assert (dead.error_stage, dead.error_reason) == (
+        "publish",
+        "refused",
+    ) and "results refused it" in dead.error_message
+    assert r.consumer.committed_offsets == {TP: 1}
+
+
+def test_a_full_local_queue_is_waited_out_for_a_bounded_time(rig, monkeypatch):
+    from consumer.stages.delivery import base
+
+    monkeypatch.setattr(base, "QUEUE_FULL_WAIT_S", 0.05)
+    r = rig()
+    for _ in range(100):
+        r.producer.fail_next("produce", BufferError("Local: Queue full"))
+    with pytest.raises(RuntimeError, match="stayed full"):
+        r.publish([0])

@@ -207,3 +207,54 @@ def test_a_fenced_producer_stops_the_service(rig):
     with pytest.raises(KafkaException, match="fenced"):
         r.publish(P0, [10])
     assert r.consumer.committed_offsets == {} and r.producer.records == []
+
+
+def test_a_transaction_whose_partition_is_revoked_before_its_offsets_are_taken_aborts(rig, monkeypatch):
+    """REVOKE_TIMEOUT ran out while the transaction was open, and the partition was forgotten before the
+    transaction took its offsets: its results must not commit without them (its new owner redoes them);
+    the batch's other partition is rewound and redone here."""
+    r = rig()
+    commit_points = r.tracker.commit_points
+
+    def revoked_first(tps=None):
+        r.tracker.revoke(P0)  # what the poll thread does once the revocation stops waiting
+        return commit_points(tps)
+
+    monkeypatch.setattr(r.tracker, "commit_points", revoked_first)
+    r.records.submit([described(r.tracker, P0, 10), described(r.tracker, P1, 3)])
+    assert [t.state for t in r.producer.transactions] == ["aborted"]
+    assert r.consumer.committed_offsets == {}
+    monkeypatch.setattr(r.tracker, "commit_points", commit_points)
+    r.delivery.poll()  # the rewind of P1, on the poll thread
+    assert r.position(P1) == 3  # nothing committed: back to where consuming it started
+
+
+def test_a_partition_revoked_once_its_offsets_are_in_the_transaction_commits_with_them(rig):
+    """Revoked while the transaction waits in commit_transaction: its offsets already went in, so results
+    and offsets commit together, and the new owner's read of the offsets waits for the commit (KIP-447)."""
+    r = rig()
+    r.delivery.revoke_timeout = 0.05
+    r.producer.hold = lambda message: True  # commit_transaction waits for the acknowledgements
+    items = [described(r.tracker, P0, 10), described(r.tracker, P1, 3)]
+    batch = threading.Thread(target=r.records.submit, args=(items,))
+    batch.start()
+    try:
+        wait_for(lambda: r.producer.transactions and r.producer.transactions[-1].offsets, what="offsets sent")
+        with r.delivery.revoking([P0], broker_ok=True):  # gives up waiting after 0.05 s
+            r.tracker.revoke(P0)
+    finally:
+        r.producer.hold = None
+        batch.join(5)
+    (transaction,) = r.producer.transactions
+    assert transaction.state == "committed" and transaction.offsets == {P0: 11, P1: 4}
+
+
+def test_a_record_the_producer_cannot_encode_is_settled_by_its_fallback(rig):
+    r = rig()
+    r.producer.fail_next("produce", TypeError("headers: expected str or bytes"))
+    r.publish(P0, [4])
+    (transaction,) = r.producer.transactions
+    assert transaction.state == "committed" and [m.topic() for m in transaction.records] == ["dead-letters"]
+    headers = {name: value.decode() for name, value in transaction.records[0].headers()}
+    assert (headers["error.stage"], headers["error.reason"]) == ("publish", "refused")
+    assert transaction.offsets == {P0: 5}

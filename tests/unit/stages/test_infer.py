@@ -176,3 +176,34 @@ def test_an_error_in_the_inference_thread_trips_the_latch(build):
     wait_for(latch.tripped, what="the latch tripped")
     assert isinstance(latch.error, RuntimeError) and str(latch.error) == "records stage broke"
     assert stage.join(5) is True  # the thread ended
+
+
+def test_an_image_that_never_resolves_is_dead_lettered_not_waited_for(build, monkeypatch):
+    """A fetch thread stuck for good must not hold its batch and partition with it: after the fetch's own
+    deadlines and a decode allowance (here cut to 0.2 s) the event is a fetch/timeout failure."""
+    from consumer.stages import infer as infer_module
+
+    monkeypatch.setattr(infer_module, "resolve_wait_s", lambda settings: 0.2)
+    generator = DescribingGenerator()
+    stage, tracker, _, _, collector = build(generator, batch_size=2)
+    never: Future[LoadedImage] = Future()
+    stage.submit(tracked(tracker, TP, 0, image=never))
+    stage.submit(tracked(tracker, TP, 1))
+    stage.start()
+    wait_for(lambda: collector.taken, what="the batch's outcomes")
+    stuck, described = collector.taken[0]
+    assert isinstance(stuck, Failed) and (stuck.error.stage, stuck.error.reason) == ("fetch", "timeout")
+    assert isinstance(described, Described) and generator.calls == [[said(1)]]
+
+
+def test_an_image_future_that_raises_anything_is_a_failure_not_a_crash(build):
+    generator = DescribingGenerator()
+    stage, tracker, _, latch, collector = build(generator, batch_size=1)
+    odd: Future[LoadedImage] = Future()
+    odd.set_exception(KeyError("nobody raised this on purpose"))
+    stage.submit(tracked(tracker, TP, 0, image=odd))
+    stage.start()
+    wait_for(lambda: collector.taken, what="the outcome")
+    (failed,) = collector.taken[0]
+    assert isinstance(failed, Failed) and (failed.error.reason, failed.error.error_class) == ("unexpected", "KeyError")
+    assert not latch.tripped()

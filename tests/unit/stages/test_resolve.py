@@ -8,10 +8,11 @@ tests/unit/images/test_resolver.py.
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 
-from consumer.errors import DecodeError, FetchError, ParseError
+from consumer.errors import DecodeError, FetchError, ParseError, ProcessingError
 from consumer.metrics import Metrics
 from consumer.offsets import OffsetTracker
 from consumer.settings import Settings
@@ -147,3 +148,84 @@ def test_a_record_of_a_partition_being_rewound_is_dropped(build):
     tracker.hold(TP)
     stage.submit(record(5, event()))
     assert collector.taken == [] and tracker.in_flight() == 0
+
+
+class Exploding:
+    """A resolver or generator whose every call raises what nobody foresaw."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.inner = FakeResolver()
+
+    def fetch(self, ref):
+        if self.where == "fetch":
+            raise UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed")
+        return self.inner.fetch(ref)
+
+    def decode(self, data):
+        if self.where == "decode":
+            raise MemoryError("out of memory")
+        return self.inner.decode(data)
+
+    def prepare_image(self, image):
+        raise ValueError("height:20 and width:6000 must be larger than factor:32")
+
+    def generate(self, requests):  # pragma: no cover - not called here
+        raise AssertionError
+
+
+@pytest.mark.parametrize("where, stage_name, error_class", [
+    ("fetch", "fetch", "UnicodeEncodeError"), ("decode", "decode", "MemoryError"), ("prepare", "prepare", "ValueError"),
+])  # fmt: skip
+def test_an_exception_nobody_foresaw_is_its_stages_error(where, stage_name, error_class):
+    """Whatever one event's image does to the code, the event is dead-lettered at the stage it was in."""
+    settings = Settings.from_environ({}, fetch_workers=1)
+    exploding = Exploding(where)
+    generator = exploding if where == "prepare" else DescribingGenerator(prepares=True)
+    collector = Collector[WorkItem]()
+    stage = Resolve(settings, OffsetTracker(), exploding, generator, Metrics(), collector)
+    try:
+        stage.submit(record(0, event()))
+        with pytest.raises(ProcessingError) as failure:
+            collector.taken[0].image.result(timeout=5)
+    finally:
+        stage.close()
+    assert (failure.value.stage, failure.value.reason, failure.value.error_class) == (
+        stage_name,
+        "unexpected",
+        error_class,
+    )
+
+
+def test_a_parser_that_raises_anything_still_gives_a_parse_failure(build, monkeypatch):
+    monkeypatch.setattr(resolve_module, "parse_event", lambda value, max_bytes: 1 / 0)
+    stage, _, _, collector = build()
+    stage.submit(record(0, event("e-9")))
+    failure = collector.taken[0].failure
+    assert failure is not None and (failure.stage, failure.reason) == ("parse", "unexpected")
+    assert failure.error_class == "ZeroDivisionError" and collector.taken[0].event_id == "e-9"
+
+
+def test_the_window_counts_bytes_too(build):
+    stage, tracker, _, collector = build()
+    stage.settings = stage.settings.model_copy(update={"max_in_flight_bytes": 1000})
+    stage.submit(record(0, b'{"id": "big", "pad": "' + b"x" * 900 + b'"}'))  # the first always goes in
+    with pytest.raises(MessageRejected):
+        stage.submit(record(1, event("small")))  # 900-odd bytes in flight + this one > 1000
+    tracker.done(TP, 0, collector.taken[0].epoch)
+    stage.submit(record(1, event("small")))
+    assert tracker.in_flight_bytes() == len(b"key") + len(event("small"))
+
+
+def test_work_queued_for_a_partition_revoked_since_is_skipped(build):
+    resolver = FakeResolver()
+    stage, tracker, _, collector = build(resolver=resolver)
+    gate = threading.Event()
+    stage._pool.submit(gate.wait)  # both fetch threads busy: the next fetch waits in the queue
+    stage._pool.submit(gate.wait)
+    stage.submit(record(0, event()))
+    tracker.revoke(TP)
+    gate.set()
+    with pytest.raises(resolve_module.CancelledError):
+        collector.taken[0].image.result(timeout=5)
+    assert resolver.calls == []  # never fetched

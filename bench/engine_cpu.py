@@ -1,7 +1,7 @@
 """The real Qwen3-VL-2B architecture on this CPU: the old way against this engine, per image.
 
     python -m bench.engine_cpu --quick    # 4 text / 4 vision layers, 512x384 images: a few minutes
-    python -m bench.engine_cpu            # the full 2.13 B architecture, 1024x768: see README for the time
+    python -m bench.engine_cpu            # the full 2.13 B architecture, 1024x768: see bench/README.md for the time
 
 The model has the FULL Qwen3-VL-2B-Instruct architecture (devtools.tiny.REAL_2B, real
 vocabulary size) with random weights built in memory: no checkpoint, no hub. Each image is a

@@ -2,7 +2,7 @@
 
 Tests build their own `CollectorRegistry`, so nothing fights over the process-global one. Names follow
 Prometheus conventions: counters end in `_total`, durations are seconds, sizes are bytes, and every
-family has help text (README "Health and metrics" lists them).
+family has help text (docs/observability.md lists them).
 """
 
 from __future__ import annotations

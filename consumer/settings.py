@@ -96,7 +96,7 @@ class Settings(BaseSettings):
     processing_guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
     """exactly_once: results, dead letters and input offsets committed in one Kafka transaction per batch."""
     transactional_id: str | None = None
-    """exactly_once only: this replica's transactional.id; unset derives one (see consumer/delivery.py)."""
+    """exactly_once only: this replica's transactional.id; unset derives one (consumer/clients.py transactional_id)."""
     kafka_extra: dict[str, str] = Field(default_factory=dict)
     """Other librdkafka properties, collected from KAFKA_<NAME> variables by `from_environ`."""
 
@@ -167,7 +167,7 @@ class Settings(BaseSettings):
         """The librdkafka consumer config: manual offset commits, cooperative rebalancing, bounded prefetch.
 
         fetch.min.bytes and fetch.wait.max.ms keep their defaults (1 byte, 500 ms): a fetch returns as
-        soon as one event is there, so batching never waits on the broker (README, Kafka client tuning).
+        soon as one event is there, so batching never waits on the broker (docs/performance.md, Kafka client tuning).
         """
         return {
             "bootstrap.servers": self.kafka_bootstrap_servers,

@@ -73,7 +73,7 @@ def test_batched_results_carry_metadata_and_match_single_generation(kafka_bootst
 
 @pytest.mark.integration
 def test_unset_batch_size_is_the_devices_default(kafka_bootstrap, topics, service):
-    """Without BATCH_SIZE a replica batches its device's default: 16 images on a CPU (README "The engine")."""
+    """Without BATCH_SIZE a replica batches its device's default: 16 images on a CPU (docs/performance.md)."""
     from consumer.engine.device import default_batch_size, resolve_device
 
     device = resolve_device("auto")

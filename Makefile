@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip --version >/dev/null 2>&1 || $(PY) -m ensurepip -q
 	test -x $(VENV)/bin/uv || $(PY) -m pip install -q uv==0.13.8
 	$(VENV)/bin/uv pip install --python $(PY) -q -e '.[test,bench]'
-	$(PY) -c "from devtools.local_kafka import ensure_jars; ensure_jars()"
+	$(PY) -c "from devtools.local_kafka import ensure_jars, ensure_tool_jars; ensure_jars(); ensure_tool_jars()"
 	touch $@
 
 setup: $(VENV)/.installed

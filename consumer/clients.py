@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
 import time
 from typing import Any, Callable
 
@@ -39,17 +37,15 @@ ProducerFactory = Callable[[dict[str, Any]], Producer]
 
 
 def transactional_id(settings: Settings) -> str:
-    """TRANSACTIONAL_ID if set; else `<group>-<group.instance.id>` under static membership; else
-    `<group>-<hostname>-<pid>`: unique among live replicas, and the same again when a container
-    restarts in its pod (hostname and pid 1 kept), so the new instance fences the old one and aborts
-    its open transaction at once instead of after transaction.timeout.ms. Zombies of a rebalance are
-    fenced by the group generation in `send_offsets_to_transaction` (KIP-447), whatever the id."""
+    """TRANSACTIONAL_ID if set; else `<group>-<replica>` (`Settings.replica_name`: the
+    group.instance.id under static membership, else `<hostname>-<pid>`): unique among live replicas,
+    and the same again when a container restarts in its pod, so the new instance fences the old one
+    and aborts its open transaction at once instead of after transaction.timeout.ms. Zombies of a
+    rebalance are fenced by the group generation in `send_offsets_to_transaction` (KIP-447), whatever
+    the id."""
     if settings.transactional_id:
         return settings.transactional_id
-    instance = settings.kafka_extra.get("group.instance.id")
-    if instance:
-        return f"{settings.kafka_group_id}-{instance}"
-    return f"{settings.kafka_group_id}-{socket.gethostname()}-{os.getpid()}"
+    return f"{settings.kafka_group_id}-{settings.replica_name()}"
 
 
 def producer_config(settings: Settings) -> dict[str, Any]:

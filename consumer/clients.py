@@ -56,6 +56,14 @@ def producer_config(settings: Settings) -> dict[str, Any]:
     return config
 
 
+def admin_config(config: dict[str, Any]) -> dict[str, Any]:
+    """An admin client's config from a producer's: its connection, security and client.id settings only.
+    An admin client with the idempotence or transactional.id of the producer would register as a
+    producer with the broker."""
+    not_for_admin = {"error_cb", "enable.idempotence", "transactional.id", "acks", "linger.ms", "compression.type"}
+    return {key: value for key, value in config.items() if key not in not_for_admin}
+
+
 def fit_to_topic_limits(config: dict[str, Any], topics: list[str], timeout: float = 10.0) -> dict[str, Any]:
     """`config` with the producer's batch.size lowered under what every one of `topics` accepts.
 
@@ -71,12 +79,9 @@ def fit_to_topic_limits(config: dict[str, Any], topics: list[str], timeout: floa
     from confluent_kafka.admin._config import ConfigResource
     from confluent_kafka.admin._resource import ResourceType
 
-    # Connection and security settings only: an admin client with the idempotence or transactional.id
-    # of the producer would register as a producer with the broker.
-    not_for_admin = {"error_cb", "enable.idempotence", "transactional.id", "acks", "linger.ms", "compression.type"}
-    admin_config: dict[str, Any] = {key: value for key, value in config.items() if key not in not_for_admin}
-    admin_config["logger"] = kafka_client_logger("librdkafka.admin")
-    admin = AdminClient(admin_config)
+    config_for_admin = admin_config(config)
+    config_for_admin["logger"] = kafka_client_logger("librdkafka.admin")
+    admin = AdminClient(config_for_admin)
     futures = admin.describe_configs(
         [ConfigResource(ResourceType.TOPIC, topic) for topic in topics], request_timeout=timeout
     )

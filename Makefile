@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip --version >/dev/null 2>&1 || $(PY) -m ensurepip -q
 	test -x $(VENV)/bin/uv || $(PY) -m pip install -q uv==0.13.8
 	$(VENV)/bin/uv pip install --python $(PY) -q -e '.[test,bench]'
-	$(PY) -c "from devtools.local_kafka import ensure_jars; ensure_jars()"
+	$(PY) -c "from devtools.local_kafka import ensure_jars, ensure_tool_jars; ensure_jars(); ensure_tool_jars()"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -36,10 +36,12 @@ $(TOOLS)/bin/.kustomize-$(KUSTOMIZE_VERSION):
 	GOBIN=$(TOOLS)/bin go install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION)
 	touch $@
 
-$(TOOLS)/keda/.$(KEDA_VERSION):
+# The ScaledObject CRD, and the Prometheus scaler's source (the trigger parameters KEDA reads). The stamp
+# names what is fetched, so a checkout that fetched the Kafka scaler's files before fetches these.
+KEDA_STAMP := $(TOOLS)/keda/.$(KEDA_VERSION)-prometheus
+$(KEDA_STAMP):
 	dir=$$($(call GO_MODULE_DIR,github.com/kedacore/keda/v2@$(KEDA_VERSION))) && mkdir -p $(TOOLS)/keda && \
-	install -m 644 $$dir/config/crd/bases/keda.sh_scaledobjects.yaml \
-		$$dir/config/crd/bases/keda.sh_triggerauthentications.yaml $$dir/pkg/scalers/kafka_scaler.go $(TOOLS)/keda/
+	install -m 644 $$dir/config/crd/bases/keda.sh_scaledobjects.yaml $$dir/pkg/scalers/prometheus_scaler.go $(TOOLS)/keda/
 	touch $@
 
 $(TOOLS)/prometheus-operator/.$(PROMETHEUS_OPERATOR_VERSION):
@@ -48,7 +50,7 @@ $(TOOLS)/prometheus-operator/.$(PROMETHEUS_OPERATOR_VERSION):
 	install -m 644 $$dir/example/prometheus-operator-crd/monitoring.coreos.com_podmonitors.yaml $(TOOLS)/prometheus-operator/
 	touch $@
 
-deploy-tools: $(TOOLS)/bin/.kustomize-$(KUSTOMIZE_VERSION) $(TOOLS)/keda/.$(KEDA_VERSION) \
+deploy-tools: $(TOOLS)/bin/.kustomize-$(KUSTOMIZE_VERSION) $(KEDA_STAMP) \
 		$(TOOLS)/prometheus-operator/.$(PROMETHEUS_OPERATOR_VERSION)
 	@docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null 2>&1 || \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \

@@ -1,4 +1,5 @@
-"""Command line: `python -m consumer run`, the service, configured from the environment.
+"""Command line: `python -m consumer run`, the service, and `python -m consumer replay`, dead letters
+sent back to the input topic; both configured from the environment (docs/configuration.md).
 
 Development tools (demo, local broker, tiny model) are `python -m devtools` in a checkout.
 """
@@ -17,13 +18,28 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m consumer", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("run", help="the service, configured from the environment (see docs/configuration.md)")
-    parser.parse_args(argv)
+    from consumer.replay import __doc__ as replay_doc
+    from consumer.replay import add_arguments as add_replay_arguments
 
-    from consumer.service import run_service
+    add_replay_arguments(
+        commands.add_parser(
+            "replay",
+            help="send chosen dead letters back to the input topic (see docs/operations.md)",
+            description=(replay_doc or "").split("\n\n")[1],
+        )
+    )
+    args = parser.parse_args(argv)
+
     from consumer.settings import Settings
 
     settings = Settings.from_environ()
     configure_logging(settings.log_level, settings.log_format)
+    if args.command == "replay":
+        from consumer.replay import options_from, run_replay
+
+        return run_replay(settings, options_from(args))
+    from consumer.service import run_service
+
     return run_service(settings)
 
 

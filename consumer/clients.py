@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
 import time
 from typing import Any, Callable
 
@@ -39,17 +37,15 @@ ProducerFactory = Callable[[dict[str, Any]], Producer]
 
 
 def transactional_id(settings: Settings) -> str:
-    """TRANSACTIONAL_ID if set; else `<group>-<group.instance.id>` under static membership; else
-    `<group>-<hostname>-<pid>`: unique among live replicas, and the same again when a container
-    restarts in its pod (hostname and pid 1 kept), so the new instance fences the old one and aborts
-    its open transaction at once instead of after transaction.timeout.ms. Zombies of a rebalance are
-    fenced by the group generation in `send_offsets_to_transaction` (KIP-447), whatever the id."""
+    """TRANSACTIONAL_ID if set; else `<group>-<replica>` (`Settings.replica_name`: the
+    group.instance.id under static membership, else `<hostname>-<pid>`): unique among live replicas,
+    and the same again when a container restarts in its pod, so the new instance fences the old one
+    and aborts its open transaction at once instead of after transaction.timeout.ms. Zombies of a
+    rebalance are fenced by the group generation in `send_offsets_to_transaction` (KIP-447), whatever
+    the id."""
     if settings.transactional_id:
         return settings.transactional_id
-    instance = settings.kafka_extra.get("group.instance.id")
-    if instance:
-        return f"{settings.kafka_group_id}-{instance}"
-    return f"{settings.kafka_group_id}-{socket.gethostname()}-{os.getpid()}"
+    return f"{settings.kafka_group_id}-{settings.replica_name()}"
 
 
 def producer_config(settings: Settings) -> dict[str, Any]:
@@ -58,6 +54,14 @@ def producer_config(settings: Settings) -> dict[str, Any]:
     if settings.processing_guarantee == "exactly_once":
         config["transactional.id"] = transactional_id(settings)
     return config
+
+
+def admin_config(config: dict[str, Any]) -> dict[str, Any]:
+    """An admin client's config from a producer's: its connection, security and client.id settings only.
+    An admin client with the idempotence or transactional.id of the producer would register as a
+    producer with the broker."""
+    not_for_admin = {"error_cb", "enable.idempotence", "transactional.id", "acks", "linger.ms", "compression.type"}
+    return {key: value for key, value in config.items() if key not in not_for_admin}
 
 
 def fit_to_topic_limits(config: dict[str, Any], topics: list[str], timeout: float = 10.0) -> dict[str, Any]:
@@ -75,12 +79,9 @@ def fit_to_topic_limits(config: dict[str, Any], topics: list[str], timeout: floa
     from confluent_kafka.admin._config import ConfigResource
     from confluent_kafka.admin._resource import ResourceType
 
-    # Connection and security settings only: an admin client with the idempotence or transactional.id
-    # of the producer would register as a producer with the broker.
-    not_for_admin = {"error_cb", "enable.idempotence", "transactional.id", "acks", "linger.ms", "compression.type"}
-    admin_config: dict[str, Any] = {key: value for key, value in config.items() if key not in not_for_admin}
-    admin_config["logger"] = kafka_client_logger("librdkafka.admin")
-    admin = AdminClient(admin_config)
+    config_for_admin = admin_config(config)
+    config_for_admin["logger"] = kafka_client_logger("librdkafka.admin")
+    admin = AdminClient(config_for_admin)
     futures = admin.describe_configs(
         [ConfigResource(ResourceType.TOPIC, topic) for topic in topics], request_timeout=timeout
     )

@@ -195,6 +195,10 @@ class DiagramResult(BaseModel):
     input_metadata: dict[str, Any] | None = None
 
 
+REPLAY_COUNT_HEADER = "replay.count"
+"""How many times `python -m consumer replay` has sent a record back to the input topic: a header of
+each record it sends (decimal text), and of a dead letter whose input carried it."""
+
 MAX_HEADER_CHARS = 512
 """A dead-letter header's value is cut to this many characters (error.message: MAX_MESSAGE_CHARS)."""
 MAX_MESSAGE_CHARS = 2000
@@ -241,6 +245,12 @@ class DeadLetterHeaders(BaseModel):
         alias="error.key_hashed",
         description="present when the record's key was too large to send again: the key's size in bytes; the "
         "dead letter's key is then the SHA-256 of the original key, in hex",
+    )
+    replay_count: str | None = Field(
+        None,
+        alias="replay.count",  # REPLAY_COUNT_HEADER (a field alias must be a literal)
+        description="the input record's replay.count header, when it had one: how many times `python -m consumer "
+        "replay` had sent it back already (replay refuses to send it again at --max-replays)",
     )
 
     @field_validator("*", mode="before")

@@ -8,6 +8,8 @@ family has help text (docs/observability.md lists them).
 from __future__ import annotations
 
 import logging
+import math
+import threading
 from importlib import metadata
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -23,6 +25,11 @@ STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128, 256)
 OUTCOMES = ("ok", "dead_lettered", "retried")
 STAGES = ("fetch", "decode", "prepare", "preprocess", "generate", "publish", "end_to_end")
+GENERATION_HALF_LIFE_BATCHES = 8
+"""How fast the recent seconds per event forget: a batch counts half as much after this many newer
+ones (minutes of batches on a GPU, hours on a CPU), so a change of hardware or image sizes shows
+within a few dozen batches while one odd batch barely moves it."""
+_GENERATION_DECAY = 0.5 ** (1 / GENERATION_HALF_LIFE_BATCHES)
 
 
 def package_version() -> str:
@@ -69,6 +76,19 @@ class Metrics:
             ["topic", "partition"],
             registry=r,
         )
+        self.queued_work = Gauge(
+            "diagram_queued_work_seconds",
+            "Seconds of model work queued for this replica: the lag of its assigned partitions (from the low "
+            "watermark where nothing is committed yet) times diagram_generation_seconds_per_event; NaN while "
+            "there is lag and no batch has been measured yet",
+            registry=r,
+        )
+        self.generation_seconds_per_event = Gauge(
+            "diagram_generation_seconds_per_event",
+            "Recent model seconds per event: each generate call's seconds over its batch size, exponentially "
+            f"weighted (a batch counts half after {GENERATION_HALF_LIFE_BATCHES} newer ones); NaN before the first",
+            registry=r,
+        )
         self.committed_offset = Gauge(
             "diagram_committed_offset", "Last committed input offset", ["topic", "partition"], registry=r
         )
@@ -98,6 +118,13 @@ class Metrics:
         for stage in STAGES:
             self.stage_seconds.labels(stage)
         self._lag_series: set[tuple[str, str]] = set()
+        # Written by the statistics callback (poll loop) and the inference thread, read at scrape time.
+        self._work_lock = threading.Lock()
+        self._queued_events = 0
+        self._decayed_seconds = 0.0
+        self._decayed_events = 0.0
+        self.queued_work.set_function(self.queued_work_seconds)
+        self.generation_seconds_per_event.set_function(self.seconds_per_event)
 
     def record_engine(self, info: EngineInfo, warmup_seconds: float) -> None:
         """Load and warm-up times and the build/info labels, once the model is warm."""
@@ -119,24 +146,67 @@ class Metrics:
         self.ready.set_function(lambda: 1.0 if is_ready() else 0.0)
 
     def observe_consumer_stats(self, stats: dict[str, Any]) -> None:
-        """Set `diagram_consumer_lag` from one librdkafka statistics document (statistics.interval.ms).
+        """Set `diagram_consumer_lag` and the events behind `diagram_queued_work_seconds` from one
+        librdkafka statistics document (statistics.interval.ms).
 
         Only partitions this member consumes (`desired`) with a known lag are reported; series of
-        partitions that went elsewhere are removed, so a sum over replicas never counts one twice.
+        partitions that went elsewhere are removed, so a sum over replicas never counts one twice. For
+        the queued work, a partition with nothing committed yet counts from its low watermark, where
+        auto.offset.reset=earliest starts it: a new group's backlog is work before its first commit.
         """
         current: set[tuple[str, str]] = set()
+        queued_events = 0
         for topic, topic_stats in stats.get("topics", {}).items():
             for partition, partition_stats in topic_stats.get("partitions", {}).items():
                 if partition == "-1" or not partition_stats.get("desired"):
                     continue  # -1 is librdkafka's internal unassigned-partition bucket
                 lag = partition_stats.get("consumer_lag", -1)
                 if lag < 0:
-                    continue  # nothing committed yet, or the high watermark is not known yet
+                    # Nothing committed yet, or the end offset is not known yet: no lag series.
+                    queued_events += _uncommitted_backlog(partition_stats)
+                    continue
                 self.consumer_lag.labels(topic, partition).set(lag)
                 current.add((topic, partition))
+                queued_events += lag
         for series in self._lag_series - current:
             try:
                 self.consumer_lag.remove(*series)
             except KeyError:
                 pass
         self._lag_series = current
+        with self._work_lock:
+            self._queued_events = queued_events
+
+    def observe_generation(self, seconds: float, batch_size: int) -> None:
+        """Learn from one generate call of `batch_size` events that took `seconds` (preprocess included):
+        the recent seconds per event are the decayed sum of seconds over the decayed sum of events, so
+        a full batch weighs more than a lone event."""
+        if batch_size < 1 or not seconds >= 0:
+            return
+        with self._work_lock:
+            self._decayed_seconds = self._decayed_seconds * _GENERATION_DECAY + seconds
+            self._decayed_events = self._decayed_events * _GENERATION_DECAY + batch_size
+
+    def seconds_per_event(self) -> float:
+        """Recent model seconds per event; NaN before the first generate call is observed."""
+        with self._work_lock:
+            return self._decayed_seconds / self._decayed_events if self._decayed_events else math.nan
+
+    def queued_work_seconds(self) -> float:
+        """Events queued for this replica times its recent seconds per event: 0 without lag, NaN while
+        there is lag but no generate call has been measured (unknown, not zero)."""
+        with self._work_lock:
+            queued_events = self._queued_events
+        return queued_events * self.seconds_per_event() if queued_events else 0.0
+
+
+def _uncommitted_backlog(partition_stats: dict[str, Any]) -> int:
+    """Events of an assigned partition with nothing committed: its end (the last stable offset under
+    read_committed, else the high watermark) less its low watermark; 0 while either is unknown."""
+    low = partition_stats.get("lo_offset", -1)
+    end = partition_stats.get("ls_offset", -1)
+    if end is None or end < 0:
+        end = partition_stats.get("hi_offset", -1)
+    if low is None or end is None or low < 0 or end < low:
+        return 0
+    return int(end - low)

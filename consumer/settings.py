@@ -9,6 +9,7 @@ clusters need no code change.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping
 
@@ -27,6 +28,9 @@ SECRET_KAFKA_KEYS = (
 
 # KAFKA_* variables that are settings of this service, not librdkafka properties.
 _OWN_KAFKA_FIELDS = {"KAFKA_BOOTSTRAP_SERVERS", "KAFKA_GROUP_ID"}
+
+SERVICE_NAME = "diagram-consumer"
+"""How the service names itself to the brokers: the first part of every client.id it derives."""
 
 
 class Settings(BaseSettings):
@@ -163,6 +167,20 @@ class Settings(BaseSettings):
         return cls(**{**fields, "kafka_extra": extra, **overrides})
 
     # -- librdkafka configuration ---------------------------------------------------------------
+    def replica_name(self) -> str:
+        """This replica among its group's members: KAFKA_GROUP_INSTANCE_ID under static membership, else
+        `<hostname>-<pid>`. Unique among live replicas, and the same again when a container restarts in
+        its pod (hostname and pid 1 kept). Part of the derived client.id and transactional.id."""
+        return self.kafka_extra.get("group.instance.id") or f"{socket.gethostname()}-{os.getpid()}"
+
+    def client_id(self, group: str | None = None) -> str:
+        """librdkafka's client.id for every client of this process (consumer, producer, admin):
+        KAFKA_CLIENT_ID if set, else `diagram-consumer-<group>-<replica_name()>`, `group` being
+        KAFKA_GROUP_ID unless given. Broker logs, request quotas and `kafka-consumer-groups --describe`
+        then say which service, group and replica a connection belongs to."""
+        derived = f"{SERVICE_NAME}-{group or self.kafka_group_id}-{self.replica_name()}"
+        return self.kafka_extra.get("client.id") or derived
+
     def consumer_config(self) -> dict[str, Any]:
         """The librdkafka consumer config: manual offset commits, cooperative rebalancing, bounded prefetch.
 
@@ -171,6 +189,7 @@ class Settings(BaseSettings):
         """
         return {
             "bootstrap.servers": self.kafka_bootstrap_servers,
+            "client.id": self.client_id(),
             "group.id": self.kafka_group_id,
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
@@ -196,6 +215,7 @@ class Settings(BaseSettings):
         """
         return {
             "bootstrap.servers": self.kafka_bootstrap_servers,
+            "client.id": self.client_id(),
             "enable.idempotence": True,
             "acks": "all",
             "linger.ms": 5,

@@ -28,31 +28,62 @@ def default_libs_dir() -> Path:
     return Path(os.environ.get("LOCAL_KAFKA_LIBS_DIR", REPO_ROOT / ".kafka" / "libs"))
 
 
+def default_tools_dir() -> Path:
+    return Path(os.environ.get("LOCAL_KAFKA_TOOLS_DIR", REPO_ROOT / ".kafka" / "tools"))
+
+
 def ensure_jars(libs_dir: Path | None = None) -> Path:
     """Fetch the broker's jars with Maven unless they are already there."""
-    libs_dir = libs_dir or default_libs_dir()
-    marker = libs_dir / ".complete"
+    return _fetch_jars(DEPLOY_DIR / "pom.xml", libs_dir or default_libs_dir(), "Apache Kafka jars")
+
+
+def ensure_tool_jars(tools_dir: Path | None = None) -> Path:
+    """Fetch Apache Kafka's command-line tools (deploy/kafka/tools-pom.xml) unless they are already there."""
+    return _fetch_jars(DEPLOY_DIR / "tools-pom.xml", tools_dir or default_tools_dir(), "Apache Kafka's tools")
+
+
+def _fetch_jars(pom: Path, directory: Path, what: str) -> Path:
+    marker = directory / ".complete"
     if marker.exists():
-        return libs_dir
+        return directory
     if shutil.which("mvn") is None or shutil.which("java") is None:
-        raise RuntimeError("the local Kafka broker needs java (17+) and mvn on PATH")
-    logger.info("fetching Apache Kafka jars with Maven into %s (once)", libs_dir)
-    libs_dir.mkdir(parents=True, exist_ok=True)
+        raise RuntimeError("the local Kafka broker and its tools need java (17+) and mvn on PATH")
+    logger.info("fetching %s with Maven into %s (once)", what, directory)
+    directory.mkdir(parents=True, exist_ok=True)
     subprocess.run(
         [
             "mvn",
             "-B",
             "-q",
             "-f",
-            str(DEPLOY_DIR / "pom.xml"),
+            str(pom),
             "dependency:copy-dependencies",
             "-DincludeScope=runtime",
-            f"-DoutputDirectory={libs_dir}",
+            f"-DoutputDirectory={directory.resolve()}",
         ],
         check=True,
     )
     marker.touch()
-    return libs_dir
+    return directory
+
+
+def kafka_tool(main_class: str, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    """Run one of Apache Kafka's command-line tools by the class behind its bin/kafka-*.sh script, e.g.
+    `org.apache.kafka.tools.consumer.group.ConsumerGroupCommand` for kafka-consumer-groups.sh."""
+    tools = ensure_tool_jars()
+    return subprocess.run(
+        [
+            "java",
+            "-XX:TieredStopAtLevel=1",
+            "-cp",
+            f"{tools}/*",
+            main_class,
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def free_port() -> int:

@@ -154,6 +154,7 @@ class Infer:
         self.metrics.stage_seconds.labels("preprocess").observe(preprocess_time)
         self.metrics.stage_seconds.labels("generate").observe(batch.seconds - preprocess_time)
         self.metrics.batch_size.observe(len(ready))
+        self.metrics.observe_generation(batch.seconds, len(ready))
         share = batch.seconds / len(ready)
         outcomes: list[Outcome] = []
         for (item, loaded), generation in zip(ready, batch.generations, strict=True):

@@ -335,12 +335,11 @@ def duration_seconds(text: str | int | float) -> float:
 # -- Kubernetes ----------------------------------------------------------------------------------
 CRD_FILES = {
     ("keda.sh/v1alpha1", "ScaledObject"): TOOLS / "keda" / "keda.sh_scaledobjects.yaml",
-    ("keda.sh/v1alpha1", "TriggerAuthentication"): TOOLS / "keda" / "keda.sh_triggerauthentications.yaml",
     ("monitoring.coreos.com/v1", "PodMonitor"): TOOLS
     / "prometheus-operator"
     / "monitoring.coreos.com_podmonitors.yaml",
 }
-KAFKA_SCALER_SOURCE = TOOLS / "keda" / "kafka_scaler.go"
+PROMETHEUS_SCALER_SOURCE = TOOLS / "keda" / "prometheus_scaler.go"
 
 
 def kustomize_build(directory: Path) -> list[dict]:
@@ -399,15 +398,17 @@ class ScalerParameter:
     enum: frozenset[str] | None
 
 
-def kafka_scaler_parameters() -> dict[str, ScalerParameter]:
-    """The parameters KEDA's kafka scaler reads, from the `keda:"..."` tags of its source."""
-    assert KAFKA_SCALER_SOURCE.exists(), f"KEDA's kafka scaler source is missing at {KAFKA_SCALER_SOURCE}: {MAKE_HINT}"
+def scaler_parameters(source: Path = PROMETHEUS_SCALER_SOURCE) -> dict[str, ScalerParameter]:
+    """The parameters a KEDA scaler reads, from the `keda:"..."` tags of its source."""
+    assert source.exists(), f"KEDA's scaler source is missing at {source}: {MAKE_HINT}"
     parameters = {}
-    for tag in re.findall(r'keda:"([^"]+)"', KAFKA_SCALER_SOURCE.read_text()):
-        options = dict(part.split("=", 1) if "=" in part else (part, "") for part in tag.split(","))
+    for tag in re.findall(r'keda:"([^"]+)"', source.read_text()):
+        options = dict(part.strip().split("=", 1) if "=" in part else (part.strip(), "") for part in tag.split(","))
+        if "name" not in options:
+            continue  # an embedded struct (the scaler's authentication), not a trigger parameter
         enum = frozenset(options["enum"].split(";")) if "enum" in options else None
         parameters[options["name"]] = ScalerParameter(options["name"], frozenset(options["order"].split(";")), enum)
-    assert parameters, f"no keda tags found in {KAFKA_SCALER_SOURCE}"
+    assert parameters, f"no keda tags found in {source}"
     return parameters
 
 

@@ -1,11 +1,12 @@
 """deploy/k8s, rendered by kustomize and checked as an API server with KEDA and the Prometheus
 operator would check it, then for agreement with the service: settings, probes, ports, shutdown, and
-the lag KEDA scales on."""
+the seconds of work KEDA scales on."""
 
 from __future__ import annotations
 
 import copy
 import re
+import urllib.parse
 
 import jsonschema
 import pytest
@@ -15,8 +16,8 @@ from tests.deploy.manifests import (
     K8S_DIR,
     container_environment,
     find,
-    kafka_scaler_parameters,
     named_port,
+    scaler_parameters,
     selector_matches,
     settings_for,
     validate_k8s,
@@ -30,16 +31,7 @@ KINDS = {
     "PodDisruptionBudget",
     "PodMonitor",
     "ScaledObject",
-    "TriggerAuthentication",
     "PersistentVolumeClaim",
-}
-# librdkafka's sasl.mechanism -> KEDA's kafka trigger `sasl`.
-KEDA_SASL = {
-    "PLAIN": "plaintext",
-    "SCRAM-SHA-256": "scram_sha256",
-    "SCRAM-SHA-512": "scram_sha512",
-    "OAUTHBEARER": "oauthbearer",
-    "GSSAPI": "gssapi",
 }
 
 
@@ -62,7 +54,7 @@ def test_overlay_renders_and_validates(rendered, overlay):
         ("Deployment", ["spec", "template", "spec"], "terminationGracePeriodSecond"),
         ("ScaledObject", ["spec"], "maxReplicas"),
         ("PodMonitor", ["spec"], "podMetricEndpoints"),
-        ("TriggerAuthentication", ["spec"], "secretTargetRefs"),
+        ("ScaledObject", ["spec", "fallback"], "replica"),
     ],
 )
 def test_validation_rejects_a_misspelt_field(rendered, kind, path, typo):
@@ -97,7 +89,6 @@ def test_secrets_are_the_ones_secrets_example_describes(rendered, overlay):
         for v in container.get("env", [])
         if "secretKeyRef" in v.get("valueFrom", {})
     }
-    wanted |= {(ref["name"], ref["key"]) for ref in find(docs, "TriggerAuthentication")["spec"]["secretTargetRef"]}
     for volume in find(docs, "Deployment")["spec"]["template"]["spec"]["volumes"]:
         if "secret" in volume:
             wanted |= {(volume["secret"]["secretName"], item["key"]) for item in volume["secret"]["items"]}
@@ -175,47 +166,46 @@ def test_metrics_are_found_by_every_scraper(rendered, overlay, side_server):
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_keda_scales_on_the_lag_of_the_group_the_pods_consume_as(rendered, overlay):
+def test_keda_scales_on_the_seconds_of_work_the_replicas_export(rendered, overlay):
+    from consumer.metrics import Metrics
+
     docs = rendered[overlay]
-    container = consumer_container(docs)
-    env = container_environment(docs, container)
-    settings = settings_for(env)
     scaled = find(docs, "ScaledObject")
     assert scaled["spec"]["scaleTargetRef"]["name"] == find(docs, "Deployment")["metadata"]["name"]
     assert scaled["spec"]["scaleTargetRef"].get("kind", "Deployment") == "Deployment"
-    assert 1 <= scaled["spec"]["minReplicaCount"] <= scaled["spec"]["maxReplicaCount"]
+    lowest, highest = scaled["spec"]["minReplicaCount"], scaled["spec"]["maxReplicaCount"]
+    assert 1 <= lowest <= highest
     (trigger,) = scaled["spec"]["triggers"]
-    assert trigger["type"] == "kafka"
+    assert trigger["type"] == "prometheus"
+    # The group's total shared out: TARGET_DRAIN_SECONDS of work per replica (and the fallback needs it).
+    assert trigger.get("metricType", "AverageValue") == "AverageValue"
     metadata = trigger["metadata"]
 
-    # Every key is a parameter KEDA's kafka scaler reads (from its source), with an allowed value.
-    parameters = kafka_scaler_parameters()
-    for key, value in metadata.items():
-        name = key.removesuffix("FromEnv")
-        parameter = parameters.get(name)
-        assert parameter, f"KEDA's kafka scaler has no parameter {key}"
-        assert ("resolvedEnv" if key.endswith("FromEnv") else "triggerMetadata") in parameter.orders, key
-        if parameter.enum and not key.endswith("FromEnv"):
-            assert value in parameter.enum, f"{key}: {value} not in {sorted(parameter.enum)}"
+    # Every key is a parameter KEDA's Prometheus scaler reads (from its source).
+    parameters = scaler_parameters()
+    for key in metadata:
+        assert key in parameters and "triggerMetadata" in parameters[key].orders, f"KEDA reads no {key}"
 
-    # KEDA reads the group, topic and brokers from the consumer container's own environment.
-    resolved = {key.removesuffix("FromEnv"): env[value] for key, value in metadata.items() if key.endswith("FromEnv")}
-    assert resolved["bootstrapServers"] == settings.kafka_bootstrap_servers
-    assert resolved["consumerGroup"] == settings.kafka_group_id
-    assert resolved["topic"] == settings.input_topic
-    assert metadata["offsetResetPolicy"] == settings.consumer_config()["auto.offset.reset"]
-    protocol = settings.kafka_extra.get("security.protocol", "PLAINTEXT").upper()
-    assert metadata.get("tls", "disable") == ("enable" if protocol in ("SSL", "SASL_SSL") else "disable")
-    mechanism = settings.kafka_extra.get("sasl.mechanism") if protocol.startswith("SASL") else None
-    assert metadata.get("sasl", "none") == (KEDA_SASL[mechanism.upper()] if mechanism else "none")
+    # The overlay's own settings, copied in by components/scaling.
+    scaling = find(docs, "ConfigMap", "diagram-consumer-scaling")["data"]
+    assert float(metadata["threshold"]) == float(scaling["TARGET_DRAIN_SECONDS"]) > 0
+    assert metadata["serverAddress"] == scaling["PROMETHEUS_SERVER_ADDRESS"]
+    address = urllib.parse.urlparse(metadata["serverAddress"])
+    assert address.scheme in ("http", "https") and address.netloc
 
-    auth = find(docs, "TriggerAuthentication", trigger["authenticationRef"]["name"])
-    for ref in auth["spec"]["secretTargetRef"]:
-        assert "authParams" in parameters[ref["parameter"]].orders, ref
-    if mechanism:
-        assert {"username", "password"} <= {ref["parameter"] for ref in auth["spec"]["secretTargetRef"]}
-    if "ssl.ca.location" in settings.kafka_extra:
-        assert "ca" in {ref["parameter"] for ref in auth["spec"]["secretTargetRef"]}
+    # The query sums what the service exports, over the job label the PodMonitor gives its pods.
+    exposed = {family.name for family in Metrics().registry.collect()}
+    named = set(re.findall(r"\bdiagram_[a-z_]+", metadata["query"]))
+    assert "diagram_queued_work_seconds" in named and named <= exposed, named - exposed
+    monitor = find(docs, "PodMonitor")
+    pod_labels = find(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert re.findall(r'\bjob="([^"]*)"', metadata["query"]) == [pod_labels[monitor["spec"]["jobLabel"]]]
+    assert metadata["query"].startswith("sum(")  # one value: KEDA refuses a query answering several
+
+    # No series (nothing scraped) and NaN (work not measured yet) fail over; they never read as no work.
+    assert metadata["ignoreNullValues"] == "false"
+    fallback = scaled["spec"]["fallback"]
+    assert fallback["failureThreshold"] >= 1 and lowest <= fallback["replicas"] <= highest
 
 
 def test_overlays_fit_their_hardware(rendered):

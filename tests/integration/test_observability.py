@@ -29,6 +29,7 @@ from tests.support import REPO_ROOT, ServiceRunner, create_test_topics, http_get
 pytestmark = pytest.mark.integration
 
 PROMETHEUS_DIR = REPO_ROOT / "deploy" / "prometheus"
+SCALED_OBJECT = REPO_ROOT / "deploy" / "k8s" / "base" / "scaledobject.yaml"
 DASHBOARD = REPO_ROOT / "deploy" / "grafana" / "diagram-consumer.json"
 GOOD_EVENTS = 4
 OLD_INFER_METADATA = {"inference_time", "generation_time", "image_size", "model", "device"}
@@ -252,6 +253,14 @@ def test_prometheus_scrapes_processed_events(observed, prometheus):
     assert all(float(sample["value"][1]) == 0 for sample in lag)  # everything processed and committed
     info = prometheus.query("diagram_consumer_info")[0]["metric"]
     assert info["device"] == "cpu" and info["adapter"].endswith("adapter") and info["model"]
+    # What KEDA scales on: the replica's queued seconds of work, and the trigger's own query over them
+    # answers one value (KEDA refuses several), 0 with everything processed and committed.
+    queued = prometheus.query('diagram_queued_work_seconds{job="diagram-consumer"}')
+    assert [float(sample["value"][1]) for sample in queued] == [0], queued
+    assert prometheus.query('diagram_generation_seconds_per_event{job="diagram-consumer"}')
+    (trigger,) = yaml.safe_load(SCALED_OBJECT.read_text())["spec"]["triggers"]
+    answer = prometheus.query(trigger["metadata"]["query"])
+    assert len(answer) == 1 and float(answer[0]["value"][1]) == 0, answer
     # The NoProgress alert reads the replica's age from the process collector.
     [age] = prometheus.query('time() - process_start_time_seconds{job="diagram-consumer"}')
     assert 0 < float(age["value"][1]) < 600

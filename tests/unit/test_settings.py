@@ -80,3 +80,24 @@ def test_kafka_secrets_never_appear_in_the_logged_config():
     shown = repr(settings.redacted_kafka_config())
     assert "svc" in shown
     assert not any(secret in shown for secret in ("hunter2", "keypass", "BEGIN PRIVATE KEY"))
+
+
+def test_every_client_is_named_after_the_service_its_group_and_its_replica():
+    import os
+    import socket
+
+    derived = Settings.from_environ({"KAFKA_GROUP_ID": "diagrams"})
+    replica = f"{socket.gethostname()}-{os.getpid()}"
+    assert derived.replica_name() == replica
+    for config in (derived.consumer_config(), derived.producer_config()):
+        assert config["client.id"] == f"diagram-consumer-diagrams-{replica}"
+    assert derived.client_id(group="diagrams-replay-1") == f"diagram-consumer-diagrams-replay-1-{replica}"
+
+    static = Settings.from_environ({"KAFKA_GROUP_ID": "diagrams", "KAFKA_GROUP_INSTANCE_ID": "pod-0"})
+    assert static.replica_name() == "pod-0"
+    assert static.consumer_config()["client.id"] == "diagram-consumer-diagrams-pod-0"
+
+    named = Settings.from_environ({"KAFKA_GROUP_ID": "diagrams", "KAFKA_CLIENT_ID": "ocr-team"})
+    for config in (named.consumer_config(), named.producer_config()):
+        assert config["client.id"] == "ocr-team"
+    assert named.client_id(group="other") == "ocr-team"

@@ -104,6 +104,14 @@ class Settings(BaseSettings):
     kafka_extra: dict[str, str] = Field(default_factory=dict)
     """Other librdkafka properties, collected from KAFKA_<NAME> variables by `from_environ`."""
 
+    propagate_headers: str = ""
+    """Input headers copied onto results and dead letters besides W3C trace context (traceparent,
+    tracestate, baggage): comma-separated names or globs, case-insensitive (`x-tenant,x-request-*`)."""
+    cloudevents_type: str = "diagram.description"
+    """`ce_type` of a result whose input was a CloudEvent (consumer/stages/headers.py)."""
+    cloudevents_source: str = "/diagram-consumer"
+    """`ce_source` of a result whose input was a CloudEvent: a URI reference naming this service."""
+
     # -- images --------------------------------------------------------------------------------
     image_root: Path | None = None
     """Path references are allowed only under this directory; unset refuses them."""
@@ -222,6 +230,9 @@ class Settings(BaseSettings):
             "compression.type": "zstd",
             **self.kafka_extra,
         }
+
+    def propagate_header_patterns(self) -> list[str]:
+        return [name.strip().lower() for name in self.propagate_headers.split(",") if name.strip()]
 
     def redacted_kafka_config(self) -> dict[str, Any]:
         return {k: ("***" if k in SECRET_KAFKA_KEYS else v) for k, v in self.consumer_config().items()}

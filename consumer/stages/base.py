@@ -93,6 +93,8 @@ class InputRecord:
     value: bytes | None
     timestamp_ms: int | None = None
     """The record's Kafka timestamp; None when the broker gave none."""
+    headers: tuple[tuple[str, bytes | None], ...] = ()
+    """The record's headers, in order (some travel on: consumer/stages/headers.py)."""
 
     @classmethod
     def from_message(cls, message: Message) -> InputRecord:
@@ -101,7 +103,15 @@ class InputRecord:
         if topic is None or partition is None or offset is None:
             raise ValueError(f"not a consumed record: {topic}[{partition}]@{offset}")
         _, timestamp = message.timestamp()
-        return cls(topic, partition, offset, message.key(), message.value(), timestamp if timestamp > 0 else None)
+        raw = message.headers() or []
+        pairs = raw.items() if isinstance(raw, dict) else raw
+        headers = tuple(
+            (name, value if isinstance(value, bytes) or value is None else value.encode("utf-8", "backslashreplace"))
+            for name, value in pairs
+        )
+        return cls(
+            topic, partition, offset, message.key(), message.value(), timestamp if timestamp > 0 else None, headers
+        )
 
     @property
     def tp(self) -> TopicPartitionKey:

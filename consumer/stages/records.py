@@ -18,16 +18,32 @@ import time
 
 from consumer.engine.base import EngineInfo
 from consumer.errors import ProcessingError, PublishError, ResultError
-from consumer.events import DeadLetterHeaders, DiagramResult, ResultMetadata, Source, description_fields
+from consumer.events import (
+    REPLAY_COUNT_HEADER,
+    DeadLetterHeaders,
+    DiagramResult,
+    ResultMetadata,
+    Source,
+    description_fields,
+)
 from consumer.logs import event_fields
 from consumer.metrics import Metrics
 from consumer.settings import Settings
 from consumer.stages.base import TOO_LARGE, Described, Failed, InputRecord, Outcome, OutgoingRecord, Stage
+from consumer.stages.headers import cloud_event_of, propagated, result_cloud_event
 
 logger = logging.getLogger(__name__)
 
-# How far a dead letter has been cut down to fit: nothing, its value left out, its key hashed too.
-FULL, VALUE_OMITTED, KEY_HASHED = 0, 1, 2
+
+def replay_count(source: InputRecord) -> str | None:
+    """The input's replay.count header (`python -m consumer replay` sets it), as text, if it has one."""
+    value = next((value for name, value in source.headers if name == REPLAY_COUNT_HEADER), None)
+    return value.decode("utf-8", "backslashreplace") if value is not None else None
+
+
+# How far a dead letter has been cut down to fit: nothing, its value left out, its key hashed too, the
+# input's headers that travel left out too (only the error.* and source.* headers remain).
+FULL, VALUE_OMITTED, KEY_HASHED, BARE = 0, 1, 2, 3
 
 
 class Records:
@@ -93,7 +109,8 @@ class Records:
             topic=self.settings.output_topic,
             key=source.key,
             value=value,
-            headers=None,
+            headers=propagated(source.headers, self.settings) + result_cloud_event(source.headers, self.settings)
+            or None,
             source=source,
             epoch=item.epoch,
             outcome="ok",
@@ -122,6 +139,7 @@ class Records:
                 "source.partition": str(source.partition),
                 "source.offset": str(source.offset),
                 "event.id": event_id,
+                REPLAY_COUNT_HEADER: replay_count(source),
             }
         )
         self.metrics.failures.labels(error.stage, error.reason).inc()
@@ -157,7 +175,8 @@ class Records:
         if level >= KEY_HASHED and key is not None:
             headers = headers.model_copy(update={"error_key_hashed": str(len(key))})
             key = hashlib.sha256(key).hexdigest().encode()
-        next_level = level + 1 if level < KEY_HASHED else None
+        travelling = [] if level >= BARE else propagated(source.headers, self.settings) + cloud_event_of(source.headers)
+        next_level = level + 1 if level < BARE else None
 
         def smaller(_why: str) -> OutgoingRecord:
             assert next_level is not None
@@ -167,7 +186,7 @@ class Records:
             topic=self.settings.dlq_topic,
             key=key,
             value=value,
-            headers=headers.kafka_headers(),
+            headers=headers.kafka_headers() + travelling,
             source=source,
             epoch=epoch,
             outcome="dead_lettered",

@@ -36,11 +36,15 @@ def stage():
 
 
 def described(batch_size: int = 2) -> Described:
+    return described_for(SOURCE, batch_size)
+
+
+def described_for(source: InputRecord, batch_size: int = 2) -> Described:
     event = DiagramEvent(id="e-41", image=ImageRef(url="https://x/41.png"), metadata={"tenant": "acme"})
     image: Future[LoadedImage] = Future()
     loaded = LoadedImage(image=image_of(41, size=(64, 48)), source_bytes=1234)
     image.set_result(loaded)
-    item = WorkItem(SOURCE, epoch=3, event=event, image=image, event_id=event.id)
+    item = WorkItem(source, epoch=3, event=event, image=image, event_id=event.id)
     return Described(item, loaded, Generation(text="| 1 | Receive order | Sales |", output_tokens=9), 0.25, batch_size)
 
 
@@ -111,7 +115,8 @@ def test_an_input_over_max_event_bytes_is_dead_lettered_without_its_value(stage)
     assert headers_of(dead).error_value_omitted == "150"
     assert dead.fallback is not None  # smaller still: the key hashed
     hashed = dead.fallback(PRODUCER_LIMIT)
-    assert hashed.key == hashlib.sha256(b"k").hexdigest().encode() and hashed.fallback is None
+    assert hashed.key == hashlib.sha256(b"k").hexdigest().encode() and hashed.fallback is not None
+    assert hashed.fallback(PRODUCER_LIMIT).fallback is None  # last: the input's travelling headers left out
     assert headers_of(hashed).error_key_hashed == "1" and headers_of(hashed).error_value_omitted == "150"
 
 
@@ -145,4 +150,48 @@ def test_a_dead_letter_too_large_to_publish_falls_back_to_one_without_its_value(
     assert smaller.fallback is not None
     smallest = smaller.fallback(PRODUCER_LIMIT)  # a key too large to send again: its SHA-256 instead
     assert smallest.key == hashlib.sha256(SOURCE.key).hexdigest().encode()
-    assert headers_of(smallest).error_key_hashed == str(len(SOURCE.key)) and smallest.fallback is None
+    assert headers_of(smallest).error_key_hashed == str(len(SOURCE.key)) and smallest.fallback is not None
+
+
+def test_trace_context_and_chosen_headers_travel_onto_results_and_dead_letters():
+    settings = Settings.from_environ(
+        {}, output_topic="results", dlq_topic="dead-letters", propagate_headers="x-tenant*"
+    )
+    collector = Collector[list[OutgoingRecord]]()
+    records = Records(settings, EchoEngine().load(), Metrics(), collector)
+    traceparent = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    incoming = (
+        ("traceparent", traceparent), ("tracestate", b"vendor=1"), ("x-tenant-id", b"acme"), ("x-other", b"no"),
+        ("error.stage", b"forged"), ("baggage", b"k=" + b"v" * 9000),
+    )  # fmt: skip
+    source = InputRecord("events", 2, 41, b"k", b'{"id": "e-41"}', headers=incoming)
+    records.submit([described_for(source), failed(FetchError("HTTP 404", reason="http_404"), source=source)])
+    result, dead = collector.taken[0]
+    assert result.headers == [
+        ("traceparent", traceparent), ("tracestate", b"vendor=1"), ("x-tenant-id", b"acme"),
+        ("propagation.dropped", b"baggage"),  # over MAX_PROPAGATED_HEADER_BYTES
+    ]  # fmt: skip
+    names = [name for name, _ in dead.headers]
+    assert names.count("error.stage") == 1 and "x-other" not in names and "traceparent" in names
+    assert dict(dead.headers)["error.stage"] == "fetch"  # the input's forged header never travels
+
+
+def test_a_cloud_event_in_gives_a_cloud_event_out_and_its_dead_letter_keeps_the_input_attributes():
+    settings = Settings.from_environ({}, output_topic="results", dlq_topic="dead-letters")
+    collector = Collector[list[OutgoingRecord]]()
+    records = Records(settings, EchoEngine().load(), Metrics(), collector)
+    incoming = (
+        ("ce_specversion", b"1.0"), ("ce_id", b"evt-7"), ("ce_type", b"com.example.diagram.uploaded"),
+        ("ce_source", b"/uploader"), ("ce_subject", b"order-flow-17"), ("ce_tenant", b"acme"),
+        ("content-type", b"application/json"),
+    )  # fmt: skip
+    source = InputRecord("events", 2, 41, b"k", b'{"id": "e-41"}', headers=incoming)
+    records.submit([described_for(source), failed(FetchError("HTTP 404", reason="http_404"), source=source)])
+    result, dead = collector.taken[0]
+    out = dict(result.headers)
+    assert out["ce_specversion"] == b"1.0" and out["ce_type"] == b"diagram.description"
+    assert out["ce_source"] == b"/diagram-consumer" and out["ce_id"] != b"evt-7" and out["ce_time"].endswith(b"Z")
+    assert (out["ce_subject"], out["ce_correlationid"], out["ce_tenant"]) == (b"order-flow-17", b"evt-7", b"acme")
+    assert out["content-type"] == b"application/json"
+    kept = [(name, value) for name, value in dead.headers if name.startswith("ce_")]
+    assert kept == [(name, value) for name, value in incoming if name.startswith("ce_")]

@@ -101,6 +101,7 @@ class Settings(BaseSettings):
     image_max_decoded_pixels: int = Field(40_000_000, ge=1)
     """Images larger than this (width x height, from the header) are refused before decoding."""
     image_fetch_timeout: float = Field(10.0, gt=0)
+    """Seconds one fetch may take in all: name resolution, connecting, headers and body, redirects included."""
     fetch_workers: int = Field(4, ge=1)
 
     # -- side server and logs ------------------------------------------------------------------

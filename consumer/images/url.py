@@ -7,6 +7,11 @@ checked address (no second lookup that DNS rebinding could answer differently), 
 certificate against the URL's host name, each redirect (at most 3) is checked the same way, and
 IMAGE_FETCH_TIMEOUT bounds the whole fetch - connect, headers and a body trickled one byte at a time -
 because a watchdog shuts the socket when it runs out. IMAGE_MAX_BYTES is enforced while streaming.
+
+Name resolution is inside that deadline too: the lookup runs on a thread of its own and is waited for
+with what is left of IMAGE_FETCH_TIMEOUT; a lookup still running then is abandoned (its thread ends
+when the system resolver gives up, its answer is discarded) and the fetch fails as a timeout.
+`UrlFetcher.resolve_host` is the seam for that lookup (tests make it slow).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import quote, urljoin, urlsplit
 
@@ -166,13 +172,32 @@ class _Deadline:
                 pass
 
 
+Resolve = Callable[[str, int], list[str]]
+"""A name lookup: (host, port) -> the addresses it resolves to, raising `socket.gaierror` (or another
+OSError) when it cannot. `system_resolve` is the real one."""
+
+
+def system_resolve(host: str, port: int) -> list[str]:
+    """The addresses `host` resolves to for a TCP connection, from the system resolver (getaddrinfo)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [str(info[4][0]) for info in infos]
+
+
 class UrlFetcher:
     """GETs image URLs within the limits it is given. Thread-safe."""
 
-    def __init__(self, max_bytes: int, fetch_timeout: float, allowed_hosts: frozenset[str]) -> None:
+    def __init__(
+        self,
+        max_bytes: int,
+        fetch_timeout: float,
+        allowed_hosts: frozenset[str],
+        resolve_host: Resolve = system_resolve,
+    ) -> None:
         self.max_bytes = max_bytes
         self.fetch_timeout = fetch_timeout
         self.allowed_hosts = allowed_hosts
+        self.resolve_host = resolve_host
+        """The name lookup, run inside the fetch deadline; a seam for tests that need slow DNS."""
 
     def fetch(self, url: str) -> bytes:
         """GET the image, following at most MAX_REDIRECTS redirects, each one checked like the first."""
@@ -194,7 +219,7 @@ class UrlFetcher:
     def _fetch_once(self, url: str, deadline: _Deadline) -> bytes | str:
         """One request: the body, or the absolute URL a redirect points to."""
         target = parse_image_url(url)
-        addresses = self._checked_addresses(target)
+        addresses = self._checked_addresses(target, deadline)
         connection = None
         try:
             connection = self._connect(target, addresses, deadline)
@@ -233,10 +258,10 @@ class UrlFetcher:
             if connection is not None:
                 connection.close()
 
-    def _checked_addresses(self, target: UrlTarget) -> list[str]:
+    def _checked_addresses(self, target: UrlTarget, deadline: _Deadline) -> list[str]:
         """Resolve the host once; refuse it if any address is not public, unless the host is allowed."""
         try:
-            infos = socket.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
+            addresses = list(dict.fromkeys(self._lookup(target, deadline)))
         except socket.gaierror as exc:
             raise FetchError(
                 f"cannot resolve image host {target.host!r}: {exc.strerror}",
@@ -244,8 +269,7 @@ class UrlFetcher:
                 retryable=exc.errno == socket.EAI_AGAIN,
             ) from None
         except (UnicodeError, ValueError, OSError) as exc:
-            raise FetchError(f"cannot resolve image host {target.host!r}: {exc}", reason="dns") from None
-        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+            raise FetchError(f"cannot resolve image host {target.host!r}: {exc}"[:500], reason="dns") from None
         if target.host not in self.allowed_hosts:
             private = [address for address in addresses if not address_is_public(address)]
             if private:
@@ -255,6 +279,31 @@ class UrlFetcher:
                     reason="forbidden_address",
                 )
         return addresses
+
+    def _lookup(self, target: UrlTarget, deadline: _Deadline) -> list[str]:
+        """`resolve_host` on a thread of its own, waited for no longer than the deadline allows: a
+        thread in getaddrinfo cannot be interrupted, so one that outlives the fetch is abandoned."""
+        answer: list[list[str] | BaseException] = []
+        done = threading.Event()
+
+        def lookup() -> None:
+            try:
+                answer.append(self.resolve_host(target.host, target.port))
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread, which maps it
+                answer.append(exc)
+            finally:
+                done.set()
+
+        threading.Thread(target=lookup, name=f"dns-{target.host[:40]}", daemon=True).start()
+        if not done.wait(deadline.remaining()) or deadline.expired:
+            raise FetchError(
+                f"resolving image host {target.host!r} took over IMAGE_FETCH_TIMEOUT={self.fetch_timeout:g} s",
+                reason="timeout",
+                retryable=True,
+            )
+        if isinstance(answer[0], BaseException):
+            raise answer[0]
+        return answer[0]
 
     def _connect(
         self, target: UrlTarget, addresses: list[str], deadline: _Deadline

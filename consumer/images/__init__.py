@@ -27,6 +27,6 @@ bounded RGB), `resolver` (the three together, as the pipeline uses them).
 """
 
 from consumer.images.resolver import ImageResolver, LoadedImage
-from consumer.images.url import address_is_public, parse_image_url
+from consumer.images.url import address_is_public, parse_image_url, redact_url
 
-__all__ = ["ImageResolver", "LoadedImage", "address_is_public", "parse_image_url"]
+__all__ = ["ImageResolver", "LoadedImage", "address_is_public", "parse_image_url", "redact_url"]

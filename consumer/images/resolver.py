@@ -11,6 +11,7 @@ from PIL import Image
 from consumer.events import ImageRef
 from consumer.images.decode import decode_image
 from consumer.images.local import decode_base64, read_path
+from consumer.images.shown import messages_shown_safely
 from consumer.images.url import UrlFetcher
 
 if TYPE_CHECKING:
@@ -47,7 +48,10 @@ class LoadedImage:
 
 
 class ImageResolver:
-    """Turns an `ImageRef` into a `LoadedImage`, within the limits of `Settings`. Thread-safe."""
+    """Turns an `ImageRef` into a `LoadedImage`, within the limits of `Settings`. Thread-safe.
+
+    Every `FetchError`/`DecodeError` its methods raise has a message that is printable, valid UTF-8
+    and at most MAX_MESSAGE_CHARS long (consumer/images/shown.py), whatever the event held."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -77,13 +81,17 @@ class ImageResolver:
         )
 
     def fetch_url(self, url: str) -> bytes:
-        return self.fetcher.fetch(url)
+        with messages_shown_safely():
+            return self.fetcher.fetch(url)
 
     def read_path(self, reference: str) -> bytes:
-        return read_path(reference, self.image_root, self.settings.image_max_bytes)
+        with messages_shown_safely():
+            return read_path(reference, self.image_root, self.settings.image_max_bytes)
 
     def decode_base64(self, text: str) -> bytes:
-        return decode_base64(text, self.settings.image_max_bytes)
+        with messages_shown_safely():
+            return decode_base64(text, self.settings.image_max_bytes)
 
     def decode(self, data: bytes) -> Image.Image:
-        return decode_image(data, self.pixel_limit)
+        with messages_shown_safely():
+            return decode_image(data, self.pixel_limit)

@@ -10,7 +10,7 @@ from PIL import Image
 
 from consumer.events import ImageRef
 from consumer.images.decode import decode_image
-from consumer.images.local import decode_base64, read_path
+from consumer.images.local import PathReader, decode_base64
 from consumer.images.shown import messages_shown_safely
 from consumer.images.url import UrlFetcher
 
@@ -55,8 +55,9 @@ class ImageResolver:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.image_root = settings.image_root.resolve() if settings.image_root else None
         self.fetcher = UrlFetcher(settings.image_max_bytes, settings.image_fetch_timeout, settings.image_allowed_hosts)
+        self.path_reader = PathReader(settings.image_root, settings.image_max_bytes)
+        self.image_root = self.path_reader.image_root
         # Pillow only warns between MAX_IMAGE_PIXELS and twice that, and turning the warning into an
         # error needs warnings.catch_warnings, which is not thread-safe; so its limit is applied here.
         pillow_limit = Image.MAX_IMAGE_PIXELS or settings.image_max_decoded_pixels
@@ -86,7 +87,7 @@ class ImageResolver:
 
     def read_path(self, reference: str) -> bytes:
         with messages_shown_safely():
-            return read_path(reference, self.image_root, self.settings.image_max_bytes)
+            return self.path_reader.read(reference)
 
     def decode_base64(self, text: str) -> bytes:
         with messages_shown_safely():

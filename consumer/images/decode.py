@@ -1,4 +1,4 @@
-"""Bytes -> bounded 8-bit RGB images.
+"""Bytes -> bounded 8-bit RGB images: what a decode worker (consumer/images/worker.py) runs.
 
 The format is sniffed from the bytes and must be a raster format this service opens (PNG, JPEG, GIF,
 WebP, BMP, TIFF); width x height from the header is checked against the pixel limit before any pixel
@@ -21,9 +21,10 @@ Work per image is bounded before decoding where the structure says what decoding
   its output. Such a JPEG is refused (`too_many_pixels`) when coefficients + output would pass the
   8-byte bound, i.e. a progressive CMYK JPEG above 2/3 and a 4:4:4 one above 4/5 of the pixel limit.
 
-Neither check covers everything a decoder can be made to do: Pillow parses JPEG markers, GIF
+Neither check covers everything a decoder can be made to do (Pillow parses JPEG markers, GIF
 extension blocks, TIFF directories and BMP RLE runs in Python, and libtiff's strip buffers follow the
-file's own layout.
+file's own layout), so the worker running this is also held to IMAGE_DECODE_TIMEOUT seconds of CPU
+and to this memory bound plus slack by the kernel (RLIMIT_CPU, RLIMIT_DATA): see worker.py.
 """
 
 from __future__ import annotations

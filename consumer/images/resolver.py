@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING
 from PIL import Image
 
 from consumer.events import ImageRef
-from consumer.images.decode import decode_image
 from consumer.images.local import PathReader, decode_base64
 from consumer.images.shown import messages_shown_safely
 from consumer.images.url import UrlFetcher
+from consumer.images.worker import DecodeWorkers
 
 if TYPE_CHECKING:
     from consumer.engine.base import ImageFeatures
@@ -51,7 +51,9 @@ class ImageResolver:
     """Turns an `ImageRef` into a `LoadedImage`, within the limits of `Settings`. Thread-safe.
 
     Every `FetchError`/`DecodeError` its methods raise has a message that is printable, valid UTF-8
-    and at most MAX_MESSAGE_CHARS long (consumer/images/shown.py), whatever the event held."""
+    and at most MAX_MESSAGE_CHARS long (consumer/images/shown.py), whatever the event held.
+    Decoding runs in worker processes (consumer/images/worker.py), started on first use; `close`
+    stops them (they also end by themselves when this process does)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -62,6 +64,7 @@ class ImageResolver:
         # error needs warnings.catch_warnings, which is not thread-safe; so its limit is applied here.
         pillow_limit = Image.MAX_IMAGE_PIXELS or settings.image_max_decoded_pixels
         self.pixel_limit = min(settings.image_max_decoded_pixels, pillow_limit)
+        self.decoder = DecodeWorkers(self.pixel_limit, settings.image_decode_timeout, max_idle=settings.fetch_workers)
 
     def resolve(self, ref: ImageRef) -> LoadedImage:
         """Fetch and decode; raises only `FetchError` or `DecodeError` for a bad reference or image."""
@@ -94,5 +97,10 @@ class ImageResolver:
             return decode_base64(text, self.settings.image_max_bytes)
 
     def decode(self, data: bytes) -> Image.Image:
+        """Bytes -> 8-bit RGB in a decode worker, within IMAGE_DECODE_TIMEOUT and the memory bound."""
         with messages_shown_safely():
-            return decode_image(data, self.pixel_limit)
+            return self.decoder.decode(data)
+
+    def close(self) -> None:
+        """Stop the idle decode workers."""
+        self.decoder.close()

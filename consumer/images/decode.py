@@ -18,8 +18,11 @@ Work per image is bounded before decoding where the structure says what decoding
   rotation is applied to the RGB result (4 + 4). The exception is a JPEG with more than one scan
   (progressive, or sequential with separate scans): libjpeg then also keeps every DCT coefficient,
   2 bytes per sample of each component (6 per pixel for 4:4:4 RGB, 3 for 4:2:0, 8 for CMYK), beside
-  its output. Such a JPEG is refused (`too_many_pixels`) when coefficients + output would pass the
-  8-byte bound, i.e. a progressive CMYK JPEG above 2/3 and a 4:4:4 one above 4/5 of the pixel limit.
+  its output; libwebp holds two RGBA canvases and Pillow a copy of the frame (12 beside the image);
+  libtiff decodes a whole strip or tile into a buffer of its raw size. Before any pixel is decoded,
+  the image's own size plus that buffer is checked against the bound and the image is refused
+  (`too_many_pixels`) past it: a progressive CMYK JPEG above 2/3 of the pixel limit, a progressive
+  4:4:4 one above 4/5, a WebP above 1/2, a single-strip 16-bit RGBA TIFF above 2/3.
 
 Neither check covers everything a decoder can be made to do (Pillow parses JPEG markers, GIF
 extension blocks, TIFF directories and BMP RLE runs in Python, and libtiff's strip buffers follow the
@@ -93,8 +96,7 @@ def decode_image(data: bytes, pixel_limit: int) -> Image.Image:
                 "(IMAGE_MAX_DECODED_PIXELS); downscale it before sending",
                 reason="too_many_pixels",
             )
-        if scans > 1:
-            _refuse_costly_jpeg(image, scans, limit)
+        _refuse_over_memory_bound(image, scans, limit)
         # Image.open leaves an animation (GIF, APNG, WebP, MPO, multi-page TIFF) on its first
         # frame; asking for n_frames would walk every frame, so nothing here does.
         image.load()
@@ -178,30 +180,64 @@ def count_jpeg_scans(data: bytes, stop_after: int = MAX_JPEG_SCANS) -> int:
     return scans
 
 
-def _refuse_costly_jpeg(image: Image.Image, scans: int, pixel_limit: int) -> None:
-    """A multi-scan JPEG keeps all its DCT coefficients while it decodes: refuse it if those and the
-    decoded output would pass DECODE_BYTES_PER_PIXEL x the pixel limit."""
-    components: list[tuple[int, int, int, int]] = getattr(image, "layer", [])
-    if not components:
-        return
+def _refuse_over_memory_bound(image: Image.Image, scans: int, pixel_limit: int) -> None:
+    """Refuse an image whose decoder needs more than DECODE_BYTES_PER_PIXEL x the pixel limit:
+    the decoded image itself, plus what its decoder holds beside it while it runs."""
     width, height = image.size
-    max_h = max(h for _, h, _, _ in components)
-    max_v = max(v for _, _, v, _ in components)
-    coefficient_bytes = 0
-    for _, h, v, _ in components:
-        blocks_across = _ceil_div(_ceil_div(width * h, max_h), 8)
-        blocks_down = _ceil_div(_ceil_div(height * v, max_v), 8)
-        coefficient_bytes += blocks_across * blocks_down * 64 * 2  # 64 coefficients of 2 bytes a block
-    output_bytes = width * height * (1 if image.mode == "L" else 4)
-    needed, bound = coefficient_bytes + output_bytes, DECODE_BYTES_PER_PIXEL * pixel_limit
+    pixels = width * height
+    output = pixels * _MODE_BYTES.get(image.mode, 4)
+    extra, why = _decoder_buffer_bytes(image, scans)
+    needed, bound = output + extra, DECODE_BYTES_PER_PIXEL * pixel_limit
     if needed > bound:
         raise DecodeError(
-            f"{'progressive' if image.info.get('progressive') else f'{scans}-scan'} {image.mode} JPEG of "
-            f"{width}x{height} needs about {needed // 1_000_000} MB to decode (every DCT coefficient is "
-            f"kept), over the {bound // 1_000_000} MB bound ({DECODE_BYTES_PER_PIXEL} bytes x "
-            "IMAGE_MAX_DECODED_PIXELS); downscale it or save it as a baseline RGB JPEG",
+            f"{image.format} {image.mode} image of {width}x{height} needs about {needed // 1_000_000} MB to "
+            f"decode ({why}), over the {bound // 1_000_000} MB bound ({DECODE_BYTES_PER_PIXEL} bytes x "
+            f"IMAGE_MAX_DECODED_PIXELS); downscale it{_SIMPLER.get(str(image.format), '')}",
             reason="too_many_pixels",
         )
+
+
+# Pillow's storage per pixel, by mode; everything else (RGB, RGBA, CMYK, I, F, LA...) is 4 bytes.
+_MODE_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
+_SIMPLER = {
+    "JPEG": " or save it as a baseline RGB JPEG",
+    "MPO": " or save it as a baseline RGB JPEG",
+    "TIFF": " or save it with smaller strips",
+    "WEBP": " or send it as PNG",
+}
+
+
+def _decoder_buffer_bytes(image: Image.Image, scans: int) -> tuple[int, str]:
+    """What the decoder holds beside the decoded image, where that is more than a few rows."""
+    width, height = image.size
+    if image.format in ("JPEG", "MPO") and scans > 1:
+        # libjpeg keeps every DCT coefficient of a multi-scan JPEG: 64 of 2 bytes per 8x8 block.
+        components: list[tuple[int, int, int, int]] = getattr(image, "layer", [])
+        if not components:
+            return 0, ""
+        max_h = max(h for _, h, _, _ in components)
+        max_v = max(v for _, _, v, _ in components)
+        blocks = sum(
+            _ceil_div(_ceil_div(width * h, max_h), 8) * _ceil_div(_ceil_div(height * v, max_v), 8)
+            for _, h, v, _ in components
+        )
+        kind = "progressive" if image.info.get("progressive") else f"{scans}-scan"
+        return blocks * 64 * 2, f"a {kind} JPEG keeps every DCT coefficient while it decodes"
+    if image.format == "WEBP":
+        # libwebp's canvas and its previous-frame canvas, and the frame copied out to Pillow.
+        return width * height * 12, "libwebp holds two canvases and a copy of the frame"
+    if image.format == "TIFF":
+        # libtiff decodes a whole strip or tile at a time into a buffer of its raw size (4 bytes a
+        # pixel at least: YCbCr and JPEG-compressed ones go through RGBA).
+        tags = getattr(image, "tag_v2", {})
+        bits = tags.get(258, (8,))
+        raw_bytes_per_pixel = max(sum(bits if isinstance(bits, tuple) else (bits,)) / 8, 4)
+        if 322 in tags and 323 in tags:
+            area = int(tags[322]) * int(tags[323])
+        else:
+            area = width * min(int(tags.get(278, height)), height)
+        return int(area * raw_bytes_per_pixel), "libtiff decodes a whole strip or tile at a time"
+    return 0, ""
 
 
 def _ceil_div(numerator: int, denominator: int) -> int:

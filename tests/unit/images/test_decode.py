@@ -122,6 +122,52 @@ def test_baseline_jpegs_and_smaller_progressive_ones_are_not_held_back(decoding_
     assert decoding_one_megapixel.decode(progressive((800, 800), "CMYK")).size == (800, 800)
 
 
+def tiff_header_only(width: int, height: int, bits: tuple[int, ...], rows_per_strip: int) -> bytes:
+    """A little-endian deflate TIFF with one strip of `rows_per_strip` rows, without its pixel data:
+    enough for Pillow to open it and for the memory check to refuse it before decoding."""
+    entries = [
+        (256, 4, 1, width),
+        (257, 4, 1, height),
+        (258, 3, len(bits), None),  # BitsPerSample: written after the directory
+        (259, 3, 1, 8),  # deflate
+        (262, 3, 1, 2),  # RGB
+        (273, 4, 1, 0),  # StripOffsets
+        (277, 3, 1, len(bits)),
+        (278, 4, 1, rows_per_strip),
+        (279, 4, 1, 16),  # StripByteCounts
+        (338, 3, 1, 2),  # ExtraSamples: unassociated alpha
+    ]
+    directory_size = 2 + 12 * len(entries) + 4
+    bits_offset = 8 + directory_size
+    directory = struct.pack("<H", len(entries))
+    for tag, kind, count, value in entries:
+        if value is None:
+            directory += struct.pack("<HHII", tag, kind, count, bits_offset)
+        elif kind == 3:
+            directory += struct.pack("<HHIHH", tag, kind, count, value, 0)
+        else:
+            directory += struct.pack("<HHII", tag, kind, count, value)
+    directory += struct.pack("<I", 0)
+    return b"II*\x00" + struct.pack("<I", 8) + directory + struct.pack(f"<{len(bits)}H", *bits) + bytes(16)
+
+
+def test_webp_and_tiff_strip_buffers_are_held_to_the_memory_bound(decoding_one_megapixel):
+    """Found by bench/image_memory.py: libwebp needs 16 bytes a pixel in all, a single-strip TIFF its
+    strip's raw size beside the image; past the bound they were cut off by the worker's memory limit
+    mid-decode and reported as corrupt."""
+    webp = encode(Image.new("RGB", (1000, 1000), "white"), "WEBP", lossless=True)
+    error = refused(decoding_one_megapixel.decode, webp)
+    assert error.reason == "too_many_pixels" and "libwebp" in error.message
+    assert decoding_one_megapixel.decode(encode(Image.new("RGB", (700, 700)), "WEBP")).size == (700, 700)
+
+    error = refused(decoding_one_megapixel.decode, tiff_header_only(1000, 1000, (16, 16, 16, 16), 1000))
+    assert error.reason == "too_many_pixels" and "strip" in error.message
+    many_strips = refused(decoding_one_megapixel.decode, tiff_header_only(1000, 1000, (16, 16, 16, 16), 8))
+    assert many_strips.reason == "corrupt"  # past the bound check; its pixel data is simply missing
+    rgba_tiff = encode(Image.new("RGBA", (1000, 1000)), "TIFF", compression="tiff_adobe_deflate")
+    assert decoding_one_megapixel.decode(rgba_tiff).size == (1000, 1000)
+
+
 # -- conversions --------------------------------------------------------------------------------------
 
 

@@ -10,7 +10,9 @@ Work per image is bounded before decoding where the structure says what decoding
 - CPU: a JPEG may have at most MAX_JPEG_SCANS scans (SOS markers, counted by walking its markers).
   Each scan of a progressive JPEG is another pass over every block of the image, so a file that
   repeats its last scan thousands of times costs minutes (27 ms per scan at 40 Mpx) while being
-  small; real progressive JPEGs have about 10 (libjpeg's default script) and rarely over 20.
+  small; real progressive JPEGs have about 10 (libjpeg's default script) and rarely over 20. The
+  same walk refuses more than MAX_JPEG_SEGMENTS marker segments, which Pillow parses one by one in
+  Python (`too_many_segments`).
 - Memory: decoding and converting to RGB needs at most DECODE_BYTES_PER_PIXEL (8) bytes per pixel,
   so at most 8 x IMAGE_MAX_DECODED_PIXELS (320 MB at the default 40 Mpx) per image, beside the input
   bytes. Pillow holds RGB, RGBA, CMYK, LA, I and F at 4 bytes per pixel, L and P at 1, I;16 at 2;
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
@@ -46,6 +49,11 @@ RASTER_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF")
 MAX_JPEG_SCANS = 64
 """More scans than this and a JPEG is refused (`too_many_scans`) before it is decoded: 64 extra scans
 cost about 1.7 s of CPU at 40 Mpx, and no encoder's progressive script comes near."""
+
+MAX_JPEG_SEGMENTS = 1000
+"""More marker segments than this (in the first image) and a JPEG is refused (`too_many_segments`):
+Pillow parses each in Python, so 20 MB of empty comment segments cost 5.7 s of CPU. A progressive
+JPEG has a few dozen; large ICC profiles and XMP split into chunks add tens more."""
 
 DECODE_BYTES_PER_PIXEL = 8
 """The memory one image may take to decode and convert, per pixel of IMAGE_MAX_DECODED_PIXELS."""
@@ -77,14 +85,22 @@ def decode_image(data: bytes, pixel_limit: int) -> Image.Image:
     if not data:
         raise DecodeError("image is empty (0 bytes)", reason="empty")
     _refuse_non_raster(data)
-    scans = count_jpeg_scans(data) if data.startswith(_JPEG_SOI) else 0
-    if scans > MAX_JPEG_SCANS:
+    markers = count_jpeg_markers(data) if data.startswith(_JPEG_SOI) else JpegMarkers(0, 0)
+    if markers.scans > MAX_JPEG_SCANS:
         raise DecodeError(
             f"JPEG has more than {MAX_JPEG_SCANS} scans (SOS markers); each is another pass over the "
             "whole image, so it is refused as too costly to decode. Re-save it as a baseline or "
             "ordinary progressive JPEG",
             reason="too_many_scans",
         )
+    if markers.segments > MAX_JPEG_SEGMENTS:
+        raise DecodeError(
+            f"JPEG has more than {MAX_JPEG_SEGMENTS} marker segments before its image ends; each is "
+            "parsed on its own, so it is refused as too costly to decode. Re-save it without the "
+            "extra metadata",
+            reason="too_many_segments",
+        )
+    scans = markers.scans
     limit = pixel_limit
     try:
         # Pillow's own guard stays on: Image.open itself raises past twice MAX_IMAGE_PIXELS.
@@ -133,15 +149,26 @@ def decode_image(data: bytes, pixel_limit: int) -> Image.Image:
     return image
 
 
-def count_jpeg_scans(data: bytes, stop_after: int = MAX_JPEG_SCANS) -> int:
-    """The number of scans (SOS segments) in the first image of a JPEG, counting no further than
-    `stop_after` + 1. Markers are walked by their lengths; entropy-coded data is skipped to the next
-    byte pair that is a marker (not a stuffed 0xFF00 or a restart marker), as a decoder reads it. A
-    segment's payload (an EXIF thumbnail, say) is never searched, so its scans do not count."""
-    scans = 0
+@dataclass(frozen=True)
+class JpegMarkers:
+    """What walking a JPEG's markers found in its first image, each count stopping one past its cap."""
+
+    scans: int
+    segments: int
+
+
+def count_jpeg_markers(
+    data: bytes, max_scans: int = MAX_JPEG_SCANS, max_segments: int = MAX_JPEG_SEGMENTS
+) -> JpegMarkers:
+    """The scans (SOS segments) and marker segments in the first image of a JPEG, each counted no
+    further than one past its maximum. Markers are walked by their lengths; entropy-coded data is
+    skipped to the next byte pair that is a marker (not a stuffed 0xFF00 or a restart marker), as a
+    decoder reads it. A segment's payload (an EXIF thumbnail, say) is never searched, so its scans do
+    not count; the walk ends at the first EOI (an MPO's next images follow it)."""
+    scans = segments = 0
     position = 2  # after SOI
     end = len(data)
-    while position + 1 < end:
+    while position + 1 < end and scans <= max_scans and segments <= max_segments:
         if data[position] != 0xFF:
             # Garbage between segments: a decoder skips to the next marker, and so does this.
             position = data.find(b"\xff", position)
@@ -152,8 +179,9 @@ def count_jpeg_scans(data: bytes, stop_after: int = MAX_JPEG_SCANS) -> int:
         if marker == 0xFF:  # fill byte before a marker
             position += 1
             continue
-        if marker == 0xD9:  # EOI: the first image ends here (an MPO's next images follow)
+        if marker == 0xD9:  # EOI
             break
+        segments += 1
         if marker in (0x00, 0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # markers without a length
             position += 2
             continue
@@ -164,12 +192,10 @@ def count_jpeg_scans(data: bytes, stop_after: int = MAX_JPEG_SCANS) -> int:
         if marker != 0xDA:
             continue
         scans += 1
-        if scans > stop_after:
-            break
         while True:  # the scan's entropy-coded data, up to the next real marker
             position = data.find(b"\xff", position)
             if position < 0 or position + 1 >= end:
-                return scans
+                return JpegMarkers(scans, segments)
             following = data[position + 1]
             if following == 0x00 or 0xD0 <= following <= 0xD7:
                 position += 2
@@ -177,7 +203,12 @@ def count_jpeg_scans(data: bytes, stop_after: int = MAX_JPEG_SCANS) -> int:
                 position += 1
             else:
                 break
-    return scans
+    return JpegMarkers(scans, segments)
+
+
+def count_jpeg_scans(data: bytes, stop_after: int = MAX_JPEG_SCANS) -> int:
+    """The number of scans in the first image of a JPEG, counting no further than `stop_after` + 1."""
+    return count_jpeg_markers(data, max_scans=stop_after, max_segments=len(data)).scans
 
 
 def _refuse_over_memory_bound(image: Image.Image, scans: int, pixel_limit: int) -> None:

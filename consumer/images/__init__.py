@@ -19,10 +19,10 @@ Every reference comes from another service, so each kind is handled defensively:
   line breaks is allowed and ignored; a `data:...;base64,` prefix is accepted).
 - decoding: the format is sniffed from the bytes and must be a raster format this service opens;
   width x height from the header is checked against IMAGE_MAX_DECODED_PIXELS before any pixel is
-  decoded, with Pillow's own bomb guard as an error as well; a JPEG with more than 64 scans is
-  refused unread, and so is an image whose decoder would hold more than the memory bound (a
-  multi-scan JPEG's coefficients, libwebp's canvases, a TIFF's strip); the first frame of an
-  animation is used and the result is always 8-bit RGB, rotated by its EXIF orientation.
+  decoded, with Pillow's own bomb guard as an error as well; a JPEG with more than 64 scans or
+  1,000 marker segments is refused unread, and so is an image whose decoder would hold more than
+  the memory bound (a multi-scan JPEG's coefficients, libwebp's canvases, a TIFF's strip); the first
+  frame of an animation is used and the result is always 8-bit RGB, rotated by its EXIF orientation.
   Decoding runs in a worker process held to IMAGE_DECODE_TIMEOUT seconds of CPU and to 8 bytes per
   pixel of IMAGE_MAX_DECODED_PIXELS (plus 64 MiB) of memory, so no format's decoder, C or Python, can
   take longer or more, and a crashing decoder fails one image, not the service.

@@ -128,6 +128,13 @@ class DecodeWorkers:
         worker.stop()
 
 
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)
+
+
 def _stop_all(workers: list[_Worker]) -> None:
     while workers:
         workers.pop().stop()
@@ -177,7 +184,8 @@ class _Worker:
             self.requests.send_bytes(data)
             header = self._header(self._receive(_MAX_HEADER_BYTES), pixel_limit)
             if "reason" in header:
-                raise DecodeError(printable(str(header["message"]), MAX_MESSAGE_CHARS), reason=str(header["reason"]))
+                message = printable(str(header.get("message", "")), MAX_MESSAGE_CHARS)
+                raise DecodeError(message or "image refused", reason=str(header["reason"]))
             (width, height), rows = header["size"], header["rows"]
             image = Image.new("RGB", (width, height))
             for top in range(0, height, rows):
@@ -190,8 +198,15 @@ class _Worker:
         except (EOFError, OSError):
             self.broken = True
             raise self._ended() from None
+        except MemoryError:
+            self.broken = True  # the rest of the pixels are still in the pipe
+            raise DecodeError(
+                "the decoded image does not fit in this process's memory", reason="out_of_memory"
+            ) from None
         finally:
             watchdog.cancel()
+            if self.timed_out:  # it fired as the image was done: the worker is being killed all the same
+                self.broken = True
 
     def _receive(self, max_bytes: int) -> bytes:
         try:
@@ -248,7 +263,7 @@ class _Worker:
                 "such images cost too much to decode (many scans, frames or chunks?)",
                 reason="decode_timeout",
             )
-        how = f"signal {signal.Signals(-status).name}" if status < 0 else f"exit status {status}"
+        how = f"signal {_signal_name(-status)}" if status < 0 else f"exit status {status}"
         return DecodeError(f"the image decode worker ended on this image ({how})", reason="decoder_crashed")
 
     def _expire(self) -> None:

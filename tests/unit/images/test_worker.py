@@ -136,3 +136,12 @@ def test_a_worker_that_stops_answering_is_killed_at_the_wall_clock_bound():
         worker.stop()
     assert error.reason == "decode_timeout" and "wall-clock" in error.message
     assert time.monotonic() - started < 10
+
+
+def test_a_refusal_without_a_message_is_still_a_refusal():
+    worker = fake_worker(ANSWERS + "replies.send_bytes(json.dumps({'reason': 'corrupt'}).encode())\n")
+    try:
+        error = refused(worker.decode, SMALL_PNG, 1_000_000, 10.0)
+        assert error.reason == "corrupt" and error.message and not worker.broken
+    finally:
+        worker.stop()

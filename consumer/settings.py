@@ -121,6 +121,11 @@ class Settings(BaseSettings):
     image_max_decoded_pixels: int = Field(40_000_000, ge=1)
     """Images larger than this (width x height, from the header) are refused before decoding."""
     image_fetch_timeout: float = Field(10.0, gt=0)
+    """Seconds one fetch may take in all: name resolution, connecting, headers and body, redirects included."""
+    image_decode_timeout: float = Field(10.0, gt=0)
+    """Seconds of CPU one image may take to decode and convert to RGB. Decoding runs in a worker
+    process that the kernel stops past this (RLIMIT_CPU, whole seconds, rounded up); the event is
+    dead-lettered as decode/decode_timeout (consumer/images/worker.py)."""
     fetch_workers: int = Field(4, ge=1)
 
     # -- side server and logs ------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """A real HTTP(S) server on loopback that misbehaves on purpose, for the image-fetch tests.
 
-Routes (GET):
+Routes (GET; a query string is ignored, but recorded in `server.requests`):
   /img/<name>          bytes from `server.files[name]`, with Content-Length
   /redirect/<name>     302 to `server.redirects[name]`
   /loop                302 to itself, forever
@@ -38,7 +38,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         self.server.requests.append((self.path, self.headers.get("Host", "")))
-        route, _, arg = self.path.lstrip("/").partition("/")
+        route, _, arg = self.path.lstrip("/").partition("?")[0].partition("/")  # a query is not routed on
         try:
             getattr(self, "route_" + route.replace("-", "_"), self.route_missing)(arg)
         except (BrokenPipeError, ConnectionResetError, ssl.SSLError, OSError):

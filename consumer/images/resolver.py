@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING
 from PIL import Image
 
 from consumer.events import ImageRef
-from consumer.images.decode import decode_image
-from consumer.images.local import decode_base64, read_path
+from consumer.images.local import PathReader, decode_base64
+from consumer.images.shown import messages_shown_safely
 from consumer.images.url import UrlFetcher
+from consumer.images.worker import DecodeWorkers
 
 if TYPE_CHECKING:
     from consumer.engine.base import ImageFeatures
@@ -47,16 +48,23 @@ class LoadedImage:
 
 
 class ImageResolver:
-    """Turns an `ImageRef` into a `LoadedImage`, within the limits of `Settings`. Thread-safe."""
+    """Turns an `ImageRef` into a `LoadedImage`, within the limits of `Settings`. Thread-safe.
+
+    Every `FetchError`/`DecodeError` its methods raise has a message that is printable, valid UTF-8
+    and at most MAX_MESSAGE_CHARS long (consumer/images/shown.py), whatever the event held.
+    Decoding runs in worker processes (consumer/images/worker.py), started on first use; `close`
+    stops them (they also end by themselves when this process does)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.image_root = settings.image_root.resolve() if settings.image_root else None
         self.fetcher = UrlFetcher(settings.image_max_bytes, settings.image_fetch_timeout, settings.image_allowed_hosts)
+        self.path_reader = PathReader(settings.image_root, settings.image_max_bytes)
+        self.image_root = self.path_reader.image_root
         # Pillow only warns between MAX_IMAGE_PIXELS and twice that, and turning the warning into an
         # error needs warnings.catch_warnings, which is not thread-safe; so its limit is applied here.
         pillow_limit = Image.MAX_IMAGE_PIXELS or settings.image_max_decoded_pixels
         self.pixel_limit = min(settings.image_max_decoded_pixels, pillow_limit)
+        self.decoder = DecodeWorkers(self.pixel_limit, settings.image_decode_timeout, max_idle=settings.fetch_workers)
 
     def resolve(self, ref: ImageRef) -> LoadedImage:
         """Fetch and decode; raises only `FetchError` or `DecodeError` for a bad reference or image."""
@@ -80,13 +88,22 @@ class ImageResolver:
         return self.decode_base64(ref.base64 or "")
 
     def fetch_url(self, url: str) -> bytes:
-        return self.fetcher.fetch(url)
+        with messages_shown_safely():
+            return self.fetcher.fetch(url)
 
     def read_path(self, reference: str) -> bytes:
-        return read_path(reference, self.image_root, self.settings.image_max_bytes)
+        with messages_shown_safely():
+            return self.path_reader.read(reference)
 
     def decode_base64(self, text: str) -> bytes:
-        return decode_base64(text, self.settings.image_max_bytes)
+        with messages_shown_safely():
+            return decode_base64(text, self.settings.image_max_bytes)
 
     def decode(self, data: bytes) -> Image.Image:
-        return decode_image(data, self.pixel_limit)
+        """Bytes -> 8-bit RGB in a decode worker, within IMAGE_DECODE_TIMEOUT and the memory bound."""
+        with messages_shown_safely():
+            return self.decoder.decode(data)
+
+    def close(self) -> None:
+        """Stop the idle decode workers."""
+        self.decoder.close()

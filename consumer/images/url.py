@@ -7,6 +7,20 @@ checked address (no second lookup that DNS rebinding could answer differently), 
 certificate against the URL's host name, each redirect (at most 3) is checked the same way, and
 IMAGE_FETCH_TIMEOUT bounds the whole fetch - connect, headers and a body trickled one byte at a time -
 because a watchdog shuts the socket when it runs out. IMAGE_MAX_BYTES is enforced while streaming.
+
+Name resolution is inside that deadline too: the lookup runs on a thread of its own and is waited for
+with what is left of IMAGE_FETCH_TIMEOUT; a lookup still running then is abandoned (its thread ends
+when the system resolver gives up, its answer is discarded) and the fetch fails as a timeout.
+`UrlFetcher.resolve_host` is the seam for that lookup (tests make it slow).
+
+A URL must be valid Unicode: one with a lone surrogate ("\\ud800" is valid JSON) anywhere - host,
+path, query, userinfo or fragment - is refused as `bad_url` before anything is sent, since it has no
+UTF-8 form to percent-encode.
+
+Secrets: a URL shown in an error message or a log line (messages become dead-letter headers) always
+goes through `redact_url`, which drops the userinfo and every query value, keeping parameter names,
+and drops the fragment. Text from the HTTP stack is scrubbed of those parts as well. A secret in the
+path itself (a token as a path segment) cannot be told from a file name and is shown.
 """
 
 from __future__ import annotations
@@ -18,18 +32,23 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from urllib.parse import quote, urljoin, urlsplit
+from urllib.parse import SplitResult, quote, unquote, unquote_plus, urljoin, urlsplit
 
 import urllib3
 from urllib3.util.ssl_match_hostname import CertificateError as _HostnameMismatch
 
 from consumer.errors import FetchError
+from consumer.images.shown import printable
 
 logger = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 3
 MAX_URL_CHARS = 8192
+MAX_SHOWN_URL_CHARS = 200
+"""A URL in a message or log line is cut to this many characters (after `redact_url`)."""
+REDACTED = "***"
 CONNECT_TIMEOUT_S = 5.0
 REDIRECT_STATUSES = (301, 302, 303, 307, 308)
 _CHUNK = 64 * 1024
@@ -72,37 +91,115 @@ def address_is_public(address: str) -> bool:
     return ip.is_global and not (ip.is_multicast or ip.is_unspecified or ip.is_reserved or ip.is_link_local)
 
 
+def redact_url(url: str) -> str:
+    """The URL as messages and logs show it: no userinfo, no query values, no fragment.
+
+    `http://user:pw@host/a.png?X-Amz-Signature=abc&v#t` becomes `http://***@host/a.png?X-Amz-Signature=***&***`:
+    the userinfo is replaced by `***`, each query value by `***` with its name kept (a name without
+    `=` is a value and is replaced whole), the fragment is dropped. Parameter names are kept because
+    they say what kind of URL it was (pre-signed, versioned) and are not secrets in any signing
+    scheme we know of. The parts are the ones `urlsplit` finds, as the fetcher uses them; what
+    `urlsplit` cannot split keeps only its scheme and host. Non-printable characters are escaped and
+    the result is at most MAX_SHOWN_URL_CHARS characters, so it is always valid UTF-8."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        scheme, separator, rest = url.partition("://")
+        authority = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
+        shown = f"{scheme}://{_redact_authority(authority)}/..." if separator else "(unparseable URL)"
+        return printable(shown, MAX_SHOWN_URL_CHARS)
+    shown = f"{parts.scheme}:" if parts.scheme else ""
+    if parts.netloc or url[len(shown) :].startswith("//"):
+        shown += "//" + _redact_authority(parts.netloc)
+    shown += parts.path
+    if parts.query:
+        shown += "?" + "&".join(_redact_parameter(parameter) for parameter in parts.query.split("&"))
+    return printable(shown, MAX_SHOWN_URL_CHARS)
+
+
+def _redact_authority(authority: str) -> str:
+    _userinfo, at, host = authority.rpartition("@")
+    return f"{REDACTED}@{host}" if at else authority
+
+
+def _redact_parameter(parameter: str) -> str:
+    name, equals, _value = parameter.partition("=")
+    return f"{name}={REDACTED}" if equals else REDACTED
+
+
+def url_secrets(url: str) -> list[str]:
+    """The parts of `url` that `redact_url` hides, as they may appear in other text: raw,
+    percent-decoded and percent-encoded. Parts shorter than 4 characters are left out, since
+    removing every "a" or "1" from a message would garble it and hide nothing."""
+    try:
+        parts: SplitResult | None = urlsplit(url)
+    except ValueError:
+        parts = None
+    hidden: list[str] = []
+    if parts is not None:
+        userinfo = parts.netloc.rpartition("@")[0]
+        hidden += [userinfo, *userinfo.split(":", 1), parts.fragment]
+        for parameter in parts.query.split("&") if parts.query else []:
+            name, equals, value = parameter.partition("=")
+            hidden.append(value if equals else name)
+    else:
+        hidden += [url.partition("://")[2].split("/", 1)[0].rpartition("@")[0], url.partition("?")[2]]
+    found: list[str] = []
+    for secret in hidden:
+        for form in (secret, unquote(secret, errors="replace"), unquote_plus(secret, errors="replace")):
+            for variant in (form, quote(form, safe="", errors="backslashreplace")):
+                if len(variant) >= 4 and variant not in found:
+                    found.append(variant)
+    return sorted(found, key=len, reverse=True)  # longest first, so a part of a secret never stays behind
+
+
+def scrub(text: str, urls: Iterable[str]) -> str:
+    """`text` with every secret part of each URL (see `url_secrets`) replaced by ***."""
+    for url in urls:
+        for secret in url_secrets(url):
+            text = text.replace(secret, REDACTED)
+    return text
+
+
 def parse_image_url(url: str) -> UrlTarget:
     """Check and take apart an image URL; every problem is a `FetchError` (`bad_url`/`bad_scheme`)."""
-    shown = url[:200]
+    shown = redact_url(url)
+    if not _is_valid_unicode(url):
+        raise FetchError(
+            f"image.url {shown} contains a lone UTF-16 surrogate, which is not valid Unicode and has no "
+            "UTF-8 form to send; percent-encode the bytes meant",
+            reason="bad_url",
+        )
     try:
         parts = urlsplit(url)
         port = parts.port
         hostname = parts.hostname
     except ValueError as exc:
-        raise FetchError(f"image.url {shown!r} is not a valid URL: {exc}", reason="bad_url") from None
+        raise FetchError(f"image.url {shown} is not a valid URL: {exc}", reason="bad_url") from None
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https"):
         hint = " (inline images go in image.base64)" if scheme == "data" else ""
         raise FetchError(
-            f"image.url must be http:// or https://, got {scheme or 'no'} scheme in {shown!r}{hint}",
+            f"image.url must be http:// or https://, got {printable(scheme, 20) or 'no'} scheme in {shown}{hint}",
             reason="bad_scheme",
         )
     # urlsplit drops tabs and line breaks silently; a request line must not carry them at all.
     if any(ord(ch) <= 0x20 or ord(ch) == 0x7F for ch in url):
         raise FetchError(
-            f"image.url {shown!r} contains whitespace or control characters; percent-encode them", reason="bad_url"
+            f"image.url {shown} contains whitespace or control characters; percent-encode them", reason="bad_url"
         )
     if len(url) > MAX_URL_CHARS:
         raise FetchError(f"image.url is {len(url)} characters, over {MAX_URL_CHARS}", reason="bad_url")
     if not hostname:
-        raise FetchError(f"image.url {shown!r} has no host", reason="bad_url")
+        raise FetchError(f"image.url {shown} has no host", reason="bad_url")
     try:
         host = hostname if _is_ip(hostname) else hostname.encode("idna").decode("ascii")
     except UnicodeError:
-        raise FetchError(f"image.url host {hostname[:100]!r} is not a valid host name", reason="bad_url") from None
+        raise FetchError(
+            f"image.url host {printable(hostname, 100)!r} is not a valid host name", reason="bad_url"
+        ) from None
     if port == 0:
-        raise FetchError(f"image.url {shown!r} has port 0", reason="bad_url")
+        raise FetchError(f"image.url {shown} has port 0", reason="bad_url")
     default_port = 443 if scheme == "https" else 80
     bracketed = f"[{host}]" if ":" in host else host
     request_path = quote(parts.path or "/", safe=_URL_SAFE)
@@ -116,6 +213,14 @@ def parse_image_url(url: str) -> UrlTarget:
         request_path=request_path,
         host_header=bracketed if port is None else f"{bracketed}:{port}",
     )
+
+
+def _is_valid_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _is_ip(host: str) -> bool:
@@ -166,35 +271,61 @@ class _Deadline:
                 pass
 
 
+Resolve = Callable[[str, int], list[str]]
+"""A name lookup: (host, port) -> the addresses it resolves to, raising `socket.gaierror` (or another
+OSError) when it cannot. `system_resolve` is the real one."""
+
+
+def system_resolve(host: str, port: int) -> list[str]:
+    """The addresses `host` resolves to for a TCP connection, from the system resolver (getaddrinfo)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [str(info[4][0]) for info in infos]
+
+
 class UrlFetcher:
     """GETs image URLs within the limits it is given. Thread-safe."""
 
-    def __init__(self, max_bytes: int, fetch_timeout: float, allowed_hosts: frozenset[str]) -> None:
+    def __init__(
+        self,
+        max_bytes: int,
+        fetch_timeout: float,
+        allowed_hosts: frozenset[str],
+        resolve_host: Resolve = system_resolve,
+    ) -> None:
         self.max_bytes = max_bytes
         self.fetch_timeout = fetch_timeout
         self.allowed_hosts = allowed_hosts
+        self.resolve_host = resolve_host
+        """The name lookup, run inside the fetch deadline; a seam for tests that need slow DNS."""
 
     def fetch(self, url: str) -> bytes:
         """GET the image, following at most MAX_REDIRECTS redirects, each one checked like the first."""
-        first_url = url
-        with _Deadline(self.fetch_timeout) as deadline:
-            for hop in range(MAX_REDIRECTS + 1):
-                try:
-                    location = self._fetch_once(url, deadline)
-                except FetchError as error:
-                    if hop:
-                        error.message = f"{error.message} (reached by redirect from {first_url[:200]})"
-                        error.args = (error.message,)
-                    raise
-                if isinstance(location, bytes):
-                    return location
-                url = location
-        raise FetchError(f"more than {MAX_REDIRECTS} redirects fetching {first_url[:200]}", reason="too_many_redirects")
+        visited = [url]
+        try:
+            with _Deadline(self.fetch_timeout) as deadline:
+                for hop in range(MAX_REDIRECTS + 1):
+                    try:
+                        location = self._fetch_once(visited[-1], deadline)
+                    except FetchError as error:
+                        if hop:
+                            error.message = f"{error.message} (reached by redirect from {redact_url(url)})"
+                        raise
+                    if isinstance(location, bytes):
+                        return location
+                    visited.append(location)
+            raise FetchError(
+                f"more than {MAX_REDIRECTS} redirects fetching {redact_url(url)}", reason="too_many_redirects"
+            )
+        except FetchError as error:
+            # Messages are built from redacted URLs; this also catches a secret echoed by the HTTP stack.
+            error.message = scrub(error.message, visited)
+            error.args = (error.message,)
+            raise
 
     def _fetch_once(self, url: str, deadline: _Deadline) -> bytes | str:
         """One request: the body, or the absolute URL a redirect points to."""
         target = parse_image_url(url)
-        addresses = self._checked_addresses(target)
+        addresses = self._checked_addresses(target, deadline)
         connection = None
         try:
             connection = self._connect(target, addresses, deadline)
@@ -216,7 +347,7 @@ class UrlFetcher:
             if response.status >= 400:
                 retryable = response.status >= 500 or response.status in (408, 429)
                 raise FetchError(
-                    f"image URL {url[:200]} answered HTTP {response.status}",
+                    f"image URL {redact_url(url)} answered HTTP {response.status}",
                     reason=f"http_{response.status}",
                     retryable=retryable,
                 )
@@ -233,10 +364,10 @@ class UrlFetcher:
             if connection is not None:
                 connection.close()
 
-    def _checked_addresses(self, target: UrlTarget) -> list[str]:
+    def _checked_addresses(self, target: UrlTarget, deadline: _Deadline) -> list[str]:
         """Resolve the host once; refuse it if any address is not public, unless the host is allowed."""
         try:
-            infos = socket.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
+            addresses = list(dict.fromkeys(self._lookup(target, deadline)))
         except socket.gaierror as exc:
             raise FetchError(
                 f"cannot resolve image host {target.host!r}: {exc.strerror}",
@@ -244,8 +375,7 @@ class UrlFetcher:
                 retryable=exc.errno == socket.EAI_AGAIN,
             ) from None
         except (UnicodeError, ValueError, OSError) as exc:
-            raise FetchError(f"cannot resolve image host {target.host!r}: {exc}", reason="dns") from None
-        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+            raise FetchError(f"cannot resolve image host {target.host!r}: {exc}"[:500], reason="dns") from None
         if target.host not in self.allowed_hosts:
             private = [address for address in addresses if not address_is_public(address)]
             if private:
@@ -255,6 +385,31 @@ class UrlFetcher:
                     reason="forbidden_address",
                 )
         return addresses
+
+    def _lookup(self, target: UrlTarget, deadline: _Deadline) -> list[str]:
+        """`resolve_host` on a thread of its own, waited for no longer than the deadline allows: a
+        thread in getaddrinfo cannot be interrupted, so one that outlives the fetch is abandoned."""
+        answer: list[list[str] | BaseException] = []
+        done = threading.Event()
+
+        def lookup() -> None:
+            try:
+                answer.append(self.resolve_host(target.host, target.port))
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread, which maps it
+                answer.append(exc)
+            finally:
+                done.set()
+
+        threading.Thread(target=lookup, name=f"dns-{target.host[:40]}", daemon=True).start()
+        if not done.wait(deadline.remaining()) or deadline.expired:
+            raise FetchError(
+                f"resolving image host {target.host!r} took over IMAGE_FETCH_TIMEOUT={self.fetch_timeout:g} s",
+                reason="timeout",
+                retryable=True,
+            )
+        if isinstance(answer[0], BaseException):
+            raise answer[0]
+        return answer[0]
 
     def _connect(
         self, target: UrlTarget, addresses: list[str], deadline: _Deadline
@@ -306,7 +461,8 @@ class UrlFetcher:
         declared = response.headers.get("Content-Length", "")
         if declared.isascii() and declared.isdigit() and int(declared) > limit:
             raise FetchError(
-                f"image at {target.url[:200]} is {declared} bytes (Content-Length), over IMAGE_MAX_BYTES={limit}",
+                f"image at {redact_url(target.url)} is {printable(declared, 30)} bytes (Content-Length), "
+                f"over IMAGE_MAX_BYTES={limit}",
                 reason="too_large",
             )
         body = bytearray()
@@ -314,13 +470,13 @@ class UrlFetcher:
             body += chunk
             if len(body) > limit:  # whatever Content-Length said
                 raise FetchError(
-                    f"image at {target.url[:200]} is over IMAGE_MAX_BYTES={limit} bytes", reason="too_large"
+                    f"image at {redact_url(target.url)} is over IMAGE_MAX_BYTES={limit} bytes", reason="too_large"
                 )
         return bytes(body)
 
     def _timeout(self, target: UrlTarget) -> FetchError:
         return FetchError(
-            f"fetching {target.url[:200]} took over IMAGE_FETCH_TIMEOUT={self.fetch_timeout:g} s",
+            f"fetching {redact_url(target.url)} took over IMAGE_FETCH_TIMEOUT={self.fetch_timeout:g} s",
             reason="timeout",
             retryable=True,
         )
@@ -339,6 +495,6 @@ class UrlFetcher:
             return FetchError(
                 f"connection to image host {target.host!r} failed: {exc}"[:500], reason="connection", retryable=True
             )
-        logger.warning("unexpected %s fetching %s: %s", type(exc).__name__, target.url[:200], exc)
-        message = f"fetching {target.url[:200]} failed: {type(exc).__name__}: {exc}"
-        return FetchError(message[:500], reason="bad_response")
+        shown_error = printable(scrub(f"{type(exc).__name__}: {exc}", [target.url]), 300)
+        logger.warning("unexpected error fetching %s: %s", redact_url(target.url), shown_error)
+        return FetchError(f"fetching {redact_url(target.url)} failed: {shown_error}", reason="bad_response")

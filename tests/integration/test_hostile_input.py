@@ -3,7 +3,8 @@
 One `python -m consumer run` subprocess on the real broker takes every case below, then a set of good
 but awkward images (palette, CMYK, 16-bit, EXIF-rotated, animated, line-wrapped base64, redirect)
 that must still be described. URL cases go to a misbehaving HTTP server on loopback
-(tests/hostile_http.py); only "127.0.0.1" is in IMAGE_ALLOWED_HOSTS.
+(tests/hostile_http.py); only "127.0.0.1" is in IMAGE_ALLOWED_HOSTS. URLs carrying secrets (userinfo,
+pre-signed query strings) must leave no trace of them in any dead-letter header or log line.
 """
 
 from __future__ import annotations
@@ -58,6 +59,15 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+def repeat_last_scan(jpeg: bytes, times: int) -> bytes:
+    """A progressive JPEG whose last scan is repeated `times` more times (see tests/unit/images/test_decode.py)."""
+    last_scan = jpeg[jpeg.rfind(b"\xff\xda") : -2]
+    return jpeg[:-2] + last_scan * times + b"\xff\xd9"
+
+
+SECRET = "SECRET"  # every secret below contains it; no header or log line may
+
+
 def png_header_only(width: int, height: int) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
@@ -70,6 +80,7 @@ def hostile_cases(server: HostileServer, good_png: bytes) -> list[Case]:
     port = server.port
     url = server.url
     truncated = encode(Image.effect_noise((64, 64), 50).convert("RGB"), "PNG")
+    scan_bomb = repeat_last_scan(encode(Image.new("RGB", (2000, 2000), "white"), "JPEG", progressive=True), 5000)
     cases = [
         # -- parse: the record itself
         Case("not-json", b"{not json", "parse", "not_json"),
@@ -170,6 +181,54 @@ def hostile_cases(server: HostileServer, good_png: bytes) -> list[Case]:
             "fetch",
             "bad_url",
         ),
+        # -- fetch: URLs that are not valid Unicode (a lone surrogate is valid JSON)
+        Case("url-surrogate-path", event("url-surrogate-path", {"url": url("/img/a\ud800.png")}), "fetch", "bad_url"),
+        Case(
+            "url-surrogate-query", event("url-surrogate-query", {"url": url("/img/good?v=\udfff")}), "fetch", "bad_url"
+        ),
+        Case(
+            "url-surrogate-userinfo",
+            event("url-surrogate-userinfo", {"url": url("/img/good", host="us\ud800er:pw@127.0.0.1")}),
+            "fetch",
+            "bad_url",
+        ),
+        Case(
+            "url-surrogate-fragment",
+            event("url-surrogate-fragment", {"url": url("/img/good#\udc00")}),
+            "fetch",
+            "bad_url",
+        ),
+        # -- fetch: secrets in the URL, which no header or log may repeat
+        Case(
+            "secret-userinfo",
+            event("secret-userinfo", {"url": url("/status/404", host=f"alice:{SECRET}-pw@127.0.0.1")}),
+            "fetch",
+            "http_404",
+        ),
+        Case(
+            "secret-presigned-query",
+            event(
+                "secret-presigned-query",
+                {"url": url(f"/status/404?X-Amz-Credential={SECRET}-cred&X-Amz-Signature={SECRET}-sig")},
+            ),
+            "fetch",
+            "http_404",
+        ),
+        Case(
+            "secret-redirect-to-presigned",
+            event("secret-redirect-to-presigned", {"url": url(f"/redirect/presigned?token={SECRET}-first")}),
+            "fetch",
+            "http_404",
+        ),
+        Case(
+            "secret-forbidden-address",
+            event(
+                "secret-forbidden-address",
+                {"url": f"http://bob:{SECRET}-pw@169.254.169.254/latest/?sig={SECRET}-sig#{SECRET}-fragment"},
+            ),
+            "fetch",
+            "forbidden_address",
+        ),
         # -- fetch: servers that misbehave
         Case("server-trickles-bytes", event("server-trickles-bytes", {"url": url("/trickle")}), "fetch", "timeout"),
         Case("server-endless-body", event("server-endless-body", {"url": url("/endless")}), "fetch", "too_large"),
@@ -223,6 +282,12 @@ def hostile_cases(server: HostileServer, good_png: bytes) -> list[Case]:
             event("over-pixel-limit", {"base64": b64(png_header_only(3000, 2000))}),
             "decode",
             "too_many_pixels",
+        ),
+        Case(
+            "jpeg-repeated-scans",
+            event("jpeg-repeated-scans", {"base64": b64(scan_bomb)}),
+            "decode",
+            "too_many_scans",
         ),
         Case(
             "truncated-png",
@@ -317,6 +382,7 @@ def test_every_hostile_event_ends_as_one_dead_letter_and_good_ones_still_succeed
         server.redirects["metadata"] = "http://169.254.169.254/latest/meta-data/iam/security-credentials/"
         server.redirects["localhost"] = server.url("/img/good", host="localhost")
         server.redirects["good"] = server.url("/img/good")
+        server.redirects["presigned"] = server.url(f"/status/404?X-Amz-Signature={SECRET}-redirected")
         cases = hostile_cases(server, good_png)
         goods = good_events(server, good_png)
         produce(kafka_bootstrap, topics.input, [(case.name, case.value) for case in cases])
@@ -359,6 +425,9 @@ def test_every_hostile_event_ends_as_one_dead_letter_and_good_ones_still_succeed
             assert message.value() == case.value and "error.value_omitted" not in headers, case.name
         if case.value and case.value.startswith(b'{"id": "'):
             assert headers["event.id"] == case.name
+    # No secret from any URL in any header, and every header is UTF-8 (decoded above).
+    leaks = [(key, name, value) for key, messages in by_key.items() for name, value in messages[0].headers()]
+    assert not [leak for leak in leaks if SECRET.encode() in (leak[2] or b"")], "a URL secret reached a header"
     trickle = {k: v.decode() for k, v in by_key["server-trickles-bytes"][0].headers()}
     assert trickle["error.attempts"] == "3"  # a timeout is worth retrying; it was, then dead-lettered
 
@@ -376,6 +445,7 @@ def test_every_hostile_event_ends_as_one_dead_letter_and_good_ones_still_succeed
     }
     assert failures == collections.Counter((case.stage, case.reason) for case in cases)
     log = runner.log_path.read_text(errors="replace")
+    assert SECRET not in log, [line for line in log.splitlines() if SECRET in line][:3]
     dead_letter_lines = [line for line in log.splitlines() if "dead-lettering id=" in line]
     assert len(dead_letter_lines) == len(cases)
     for case in cases:

@@ -2,7 +2,8 @@
 
 URL cases run against a real HTTP(S) server on loopback (tests/hostile_http.py); path cases against
 real files, symlinks and FIFOs; decode cases against images Pillow writes. Property tests feed
-arbitrary bytes and text: the only exceptions allowed out are the project's typed errors.
+arbitrary bytes and text, lone surrogates included: the only exceptions allowed out are the
+project's typed errors, and every message they carry is printable UTF-8 of bounded length.
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ PROPERTY = hypothesis_settings(max_examples=200, deadline=None, suppress_health_
 
 def resolver(**overrides) -> ImageResolver:
     return ImageResolver(Settings(**{"image_fetch_timeout": 2.0, **overrides}))
+
+
+# Decoding starts a worker process per resolver (about 0.3 s), so decode tests share these two.
+DECODER = resolver()
+ONE_MEGAPIXEL = resolver(image_max_decoded_pixels=1_000_000)
 
 
 def encode(image: Image.Image, fmt: str, **options) -> bytes:
@@ -372,20 +378,20 @@ def test_palette_with_transparency_becomes_rgb_on_white():
     image.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
     image.putpixel((0, 0), 0)
     image.putpixel((1, 0), 1)
-    decoded = resolver().decode(encode(image, "PNG", transparency=0))
+    decoded = DECODER.decode(encode(image, "PNG", transparency=0))
     assert decoded.mode == "RGB"
     assert decoded.getpixel((0, 0)) == (255, 255, 255) and decoded.getpixel((1, 0)) == (255, 0, 0)
 
 
 def test_alpha_is_composited_on_white():
-    decoded = resolver().decode(encode(Image.new("RGBA", (4, 4), (0, 0, 255, 0)), "PNG"))
+    decoded = DECODER.decode(encode(Image.new("RGBA", (4, 4), (0, 0, 255, 0)), "PNG"))
     assert decoded.mode == "RGB" and decoded.getpixel((0, 0)) == (255, 255, 255)
-    decoded = resolver().decode(encode(Image.new("LA", (4, 4), (0, 255)), "PNG"))
+    decoded = DECODER.decode(encode(Image.new("LA", (4, 4), (0, 255)), "PNG"))
     assert decoded.getpixel((0, 0)) == (0, 0, 0)
 
 
 def test_cmyk_jpeg_becomes_rgb_with_its_colour():
-    decoded = resolver().decode(encode(Image.new("CMYK", (16, 16), (255, 0, 0, 0)), "JPEG", quality=95))
+    decoded = DECODER.decode(encode(Image.new("CMYK", (16, 16), (255, 0, 0, 0)), "JPEG", quality=95))
     red, green, blue = decoded.getpixel((8, 8))
     assert decoded.mode == "RGB" and red < 30 and green > 225 and blue > 225  # pure cyan
 
@@ -394,7 +400,7 @@ def test_16_bit_grey_is_scaled_not_clipped():
     image = Image.new("I;16", (3, 1))
     for x, value in enumerate((0, 32768, 65535)):
         image.putpixel((x, 0), value)
-    decoded = resolver().decode(encode(image, "PNG"))
+    decoded = DECODER.decode(encode(image, "PNG"))
     assert [decoded.getpixel((x, 0)) for x in range(3)] == [(0, 0, 0), (128, 128, 128), (255, 255, 255)]
 
 
@@ -403,7 +409,7 @@ def test_exif_orientation_is_applied():
     image.paste((255, 0, 0), (0, 0, 10, 10))  # a red square top-left
     exif = image.getexif()
     exif[0x0112] = 6  # "rotate 90 CW to display"
-    decoded = resolver().decode(encode(image, "JPEG", exif=exif, quality=95))
+    decoded = DECODER.decode(encode(image, "JPEG", exif=exif, quality=95))
     assert decoded.size == (20, 40)
     red, green, _ = decoded.getpixel((15, 5))  # top-right after the rotation
     assert red > 200 and green < 60
@@ -413,33 +419,33 @@ def test_an_animation_yields_its_first_frame():
     frames = [Image.new("RGB", (8, 8), colour) for colour in ("red", "green", "blue")]
     for fmt in ("GIF", "PNG", "WEBP"):
         data = encode(frames[0], fmt, save_all=True, append_images=frames[1:], lossless=True)
-        decoded = resolver().decode(data)
+        decoded = DECODER.decode(data)
         assert decoded.size == (8, 8) and decoded.getpixel((4, 4))[0] > 200, fmt
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF", "MPO"])
 def test_every_accepted_format_decodes_to_rgb(fmt):
-    decoded = resolver().decode(encode(Image.new("RGB", (12, 7), (0, 0, 200)), fmt))
+    decoded = DECODER.decode(encode(Image.new("RGB", (12, 7), (0, 0, 200)), fmt))
     assert decoded.mode == "RGB" and decoded.size == (12, 7)
 
 
 def test_a_decompression_bomb_is_refused_from_its_header():
     bomb = png_header_only(100_000, 100_000)
     assert len(bomb) < 200
-    error = refused(resolver().decode, bomb)
+    error = refused(DECODER.decode, bomb)
     assert error.reason == "too_many_pixels" and "IMAGE_MAX_DECODED_PIXELS" in error.message
 
 
 def test_an_image_over_the_pixel_limit_is_refused_before_decoding():
-    error = refused(resolver(image_max_decoded_pixels=1_000_000).decode, png_header_only(1001, 1000))
+    error = refused(ONE_MEGAPIXEL.decode, png_header_only(1001, 1000))
     assert error.reason == "too_many_pixels" and "1001x1000" in error.message
     # Exactly at the limit the header passes and the (broken) pixel data is what fails.
-    assert refused(resolver(image_max_decoded_pixels=1_000_000).decode, png_header_only(1000, 1000)).reason == "corrupt"
+    assert refused(ONE_MEGAPIXEL.decode, png_header_only(1000, 1000)).reason == "corrupt"
 
 
 def test_a_truncated_image_is_corrupt():
     data = encode(Image.effect_noise((64, 64), 50).convert("RGB"), "PNG")
-    assert refused(resolver().decode, data[: len(data) // 2]).reason == "corrupt"
+    assert refused(DECODER.decode, data[: len(data) // 2]).reason == "corrupt"
 
 
 @pytest.mark.parametrize(
@@ -456,13 +462,13 @@ def test_a_truncated_image_is_corrupt():
     ],
 )
 def test_things_that_are_not_raster_images_say_what_they_are(data, reason, words):
-    error = refused(resolver().decode, data)
+    error = refused(DECODER.decode, data)
     assert error.reason == reason and words in error.message
 
 
 def test_formats_outside_the_list_are_not_parsed():
     for fmt in ("ICO", "PCX", "TGA", "PPM"):
-        assert refused(resolver().decode, encode(Image.new("RGB", (8, 8)), fmt)).reason == "not_an_image", fmt
+        assert refused(DECODER.decode, encode(Image.new("RGB", (8, 8)), fmt)).reason == "not_an_image", fmt
 
 
 # -- properties: any input, only typed errors ----------------------------------------------------------
@@ -489,24 +495,60 @@ def damaged_images(draw) -> bytes:
     return bytes(data[: draw(st.integers(1, len(data)))])
 
 
+MESSAGE_BOUND = 1000  # consumer.images.shown.MAX_MESSAGE_CHARS
+
+
+def assert_shown_safely(error: FetchError | DecodeError) -> None:
+    """The message rule: valid UTF-8 (it becomes a Kafka header) and bounded."""
+    error.message.encode("utf-8")
+    assert len(error.message) <= MESSAGE_BOUND, len(error.message)
+
+
+# Characters that have broken or could break messages and logs: lone surrogates, NUL and other
+# controls, bidirectional overrides and marks, line and paragraph separators, a BOM, URL delimiters.
+AWKWARD = st.sampled_from(
+    [
+        "\ud800",
+        "\udfff",
+        "\x00",
+        "\x1b",
+        "\x7f",
+        "\u202e",
+        "\u200f",
+        "\u2028",
+        "\ufeff",
+        "%",
+        "@",
+        ":",
+        "#",
+        "?",
+        "[",
+        "\\",
+    ]
+)
+any_character = st.one_of(st.characters(exclude_categories=()), AWKWARD)  # surrogates included
+any_text = st.text(any_character, max_size=60)
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::RuntimeWarning")  # Pillow on damaged headers
 @PROPERTY
 @given(st.one_of(st.binary(max_size=2048), damaged_images()))
 def test_decode_raises_only_decode_errors(data):
     try:
-        image = resolver(image_max_decoded_pixels=1_000_000).decode(data)
-    except DecodeError:
+        image = ONE_MEGAPIXEL.decode(data)
+    except DecodeError as error:
+        assert_shown_safely(error)
         return
     assert image.mode == "RGB"
 
 
 @PROPERTY
-@given(st.one_of(st.text(max_size=300), st.binary(max_size=200).map(lambda b: base64.b64encode(b).decode())))
+@given(st.one_of(st.text(max_size=300), any_text, st.binary(max_size=200).map(lambda b: base64.b64encode(b).decode())))
 def test_decode_base64_raises_only_fetch_errors(text):
     try:
         resolver(image_max_bytes=100).decode_base64(text)
-    except FetchError:
-        pass
+    except FetchError as error:
+        assert_shown_safely(error)
 
 
 @PROPERTY
@@ -514,9 +556,49 @@ def test_decode_base64_raises_only_fetch_errors(text):
 def test_url_parsing_raises_only_fetch_errors(url):
     try:
         target = parse_image_url(url)
-    except FetchError:
+    except FetchError as error:
+        assert_shown_safely(error)
         return
     assert target.scheme in ("http", "https") and target.host and 0 < target.port < 65536
+
+
+def no_public_dns(host: str, port: int) -> list[str]:
+    """Every name is private here: the fetch is refused before it connects anywhere."""
+    return ["10.0.0.1"]
+
+
+FETCHER = resolver(image_fetch_timeout=0.5)
+FETCHER.fetcher.resolve_host = no_public_dns
+
+arbitrary_urls = st.one_of(
+    any_text,
+    st.builds("{}://{}/{}".format, st.sampled_from(["http", "https", "HTTP", "ftp", ""]), any_text, any_text),
+    st.builds(
+        "http://{}@{}/{}?{}#{}".format,
+        any_text,
+        st.sampled_from(["h", "10.0.0.1", "[::1]"]),
+        any_text,
+        any_text,
+        any_text,
+    ),
+    # Very long: past MAX_URL_CHARS, and long runs of characters that are escaped when shown.
+    st.builds(
+        lambda filler, count, tail: f"http://h/{filler * count}{tail}", AWKWARD, st.integers(0, 12_000), any_text
+    ),
+)
+
+
+@PROPERTY
+@given(url=arbitrary_urls)
+def test_fetching_any_unicode_url_raises_only_fetch_errors_with_messages_that_can_be_sent(url):
+    """Lone surrogates, NUL, RTL marks, very long: a FetchError whose message is UTF-8 and bounded.
+    Before: a surrogate in the path or query escaped as UnicodeEncodeError."""
+    try:
+        FETCHER.fetch_url(url)
+    except FetchError as error:
+        assert_shown_safely(error)
+    else:
+        pytest.fail(f"fetched {url!r}, though every name resolves to a private address here")
 
 
 @pytest.fixture(scope="module")
@@ -528,18 +610,19 @@ def property_root(tmp_path_factory) -> Path:
 
 
 @PROPERTY
-@given(reference=st.text(max_size=100))
+@given(reference=st.one_of(st.text(max_size=100), any_text))
 def test_path_reading_raises_only_fetch_errors(property_root, reference):
     try:
         data = resolver(image_root=property_root).read_path(reference)
-    except FetchError:
+    except FetchError as error:
+        assert_shown_safely(error)
         return
     assert data == GOOD_PNG
 
 
 def test_a_prepared_image_lets_its_pixels_go_and_keeps_its_size():
     """Events wait for a batch with the engine's features only, not the decoded image as well."""
-    loaded = resolver().resolve(ImageRef(base64=base64.b64encode(GOOD_PNG).decode()))
+    loaded = DECODER.resolve(ImageRef(base64=base64.b64encode(GOOD_PNG).decode()))
     width_height = loaded.image.size
     assert loaded.with_prepared(None) is loaded  # nothing prepared (echo engine, or it failed): keep it
     prepared = loaded.with_prepared(features := object())

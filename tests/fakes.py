@@ -986,6 +986,9 @@ class FakeResolver:
                 raise failures.popleft()
         return reference.encode()
 
+    def close(self) -> None:
+        return None
+
     def decode(self, data: bytes) -> Image.Image:
         reference = data.decode()
         with self._lock:

@@ -28,15 +28,18 @@ from consumer.stages.resolve import FETCH_ATTEMPTS, FETCH_BACKOFF_S
 logger = logging.getLogger(__name__)
 
 _STOP = object()
-DECODE_ALLOWANCE_S = 120.0
-"""Besides the fetch's own deadlines: what decoding and preparing one image may take before infer stops
-waiting for it (a backstop: the fetch and the decoder bound themselves)."""
+PREPARE_ALLOWANCE_S = 60.0
+"""Besides the fetch's and the decode worker's own deadlines: what preparing one image may take before
+infer stops waiting for it (a backstop: the fetch and the decoder bound themselves)."""
 
 
 def resolve_wait_s(settings: Settings) -> float:
-    """How long a batch waits for an image that is still being resolved before dead-lettering it."""
+    """How long a batch waits for an image that is still being resolved before dead-lettering it: every
+    fetch attempt's deadline and backoff, the decode worker's wall-clock backstop (4 x
+    IMAGE_DECODE_TIMEOUT + 5 s, consumer/images/worker.py), and PREPARE_ALLOWANCE_S."""
     backoff = sum(FETCH_BACKOFF_S * 2.0**attempt for attempt in range(FETCH_ATTEMPTS - 1))
-    return settings.image_fetch_timeout * FETCH_ATTEMPTS + backoff + DECODE_ALLOWANCE_S
+    decode = 4 * settings.image_decode_timeout + 5
+    return settings.image_fetch_timeout * FETCH_ATTEMPTS + backoff + decode + PREPARE_ALLOWANCE_S
 
 
 class Infer:

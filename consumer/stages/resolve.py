@@ -117,4 +117,5 @@ class Resolve:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self.resolver.close()
         self.next.close()

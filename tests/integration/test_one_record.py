@@ -149,5 +149,5 @@ def test_shutdown_ends_in_time_whatever_a_worker_thread_does(kafka_bootstrap, to
     runner.signal()
     started = time.monotonic()
     assert runner.wait(30) == 1, runner.log()
-    assert time.monotonic() - started < 5 + 10, runner.log()
+    assert time.monotonic() - started < 5 + 20, runner.log()  # SHUTDOWN_TIMEOUT and a few seconds, not forever
     assert committed_offsets(kafka_bootstrap, topics.group, topics.input)[0] <= 1  # never past "stuck"

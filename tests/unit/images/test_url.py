@@ -210,16 +210,17 @@ def slow_lookup(seconds: float, answer: list[str] | BaseException) -> tuple[list
     "answer", [["93.184.216.34"], socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")]
 )
 def test_a_slow_name_lookup_is_cut_off_by_the_fetch_deadline(answer):
-    """Before: a resolver answering in 4 s with IMAGE_FETCH_TIMEOUT=1 took the whole 4 s."""
+    """Before: a resolver answering in 4 s with IMAGE_FETCH_TIMEOUT=1 took the whole 4 s (here it would
+    take 60 s)."""
     fetching = resolver(image_fetch_timeout=1.0)
-    calls, fetching.fetcher.resolve_host = slow_lookup(4.0, answer)
+    calls, fetching.fetcher.resolve_host = slow_lookup(60.0, answer)
     started = time.monotonic()
     error = refused(fetching.fetch_url, "http://images.example.com/a.png")
     elapsed = time.monotonic() - started
     assert calls, "the seam was not used"
     assert error.reason == "timeout" and error.retryable
     assert "resolving image host 'images.example.com'" in error.message and "IMAGE_FETCH_TIMEOUT=1" in error.message
-    assert elapsed < 3.0  # not the resolver's 4 s
+    assert elapsed < 20.0  # a guard: the resolver alone takes 60 s
 
 
 def test_the_lookup_shares_the_deadline_with_the_rest_of_the_fetch(server):
@@ -231,7 +232,7 @@ def test_the_lookup_shares_the_deadline_with_the_rest_of_the_fetch(server):
     assert server.requests[-1] == ("/img/good", f"images.test:{server.port}")
     started = time.monotonic()
     assert refused(fetching.fetch_url, f"http://images.test:{server.port}/trickle").reason == "timeout"
-    assert time.monotonic() - started < 2.5
+    assert time.monotonic() - started < 10  # a guard: the trickle alone goes on for good
 
 
 def test_an_abandoned_lookup_does_not_hold_up_the_caller():

@@ -55,10 +55,8 @@ def test_an_image_that_takes_too_much_cpu_is_stopped_and_the_next_one_decodes():
     """Before: there was no bound on decode time at all; this one would take about 6 s of CPU."""
     decoding = ImageResolver(Settings(image_decode_timeout=1.0))
     bomb = png_with_empty_chunks(3_000_000)
-    started = time.monotonic()
-    error = refused(decoding.decode, bomb)
+    error = refused(decoding.decode, bomb)  # stopped by the worker's CPU limit (reason), not by a clock here
     assert error.reason == "decode_timeout" and "IMAGE_DECODE_TIMEOUT" in error.message
-    assert time.monotonic() - started < 5.0  # a guard against hanging, not a measurement
     assert decoding.decode(SMALL_PNG).size == (40, 30)
 
 

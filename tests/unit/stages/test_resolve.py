@@ -167,6 +167,9 @@ class Exploding:
             raise MemoryError("out of memory")
         return self.inner.decode(data)
 
+    def close(self) -> None:
+        return None
+
     def prepare_image(self, image):
         raise ValueError("height:20 and width:6000 must be larger than factor:32")
 

@@ -96,7 +96,7 @@ def hostile_cases(server: HostileServer, good_png: bytes) -> list[Case]:
             "metadata-unpublishable",
             b'{"id": "metadata-unpublishable", "image": {"base64": "AAAA"}, "metadata": {"note": "\\udc00"}}',
             "parse",
-            "invalid_field",
+            "invalid_unicode",
         ),
         Case(
             "prompt-too-long", event("prompt-too-long", {"base64": "AAAA"}, prompt="p" * 9000), "parse", "invalid_field"
@@ -181,22 +181,31 @@ def hostile_cases(server: HostileServer, good_png: bytes) -> list[Case]:
             "fetch",
             "bad_url",
         ),
-        # -- fetch: URLs that are not valid Unicode (a lone surrogate is valid JSON)
-        Case("url-surrogate-path", event("url-surrogate-path", {"url": url("/img/a\ud800.png")}), "fetch", "bad_url"),
+        # -- URLs that are not valid Unicode (a lone surrogate is valid JSON): refused when the event is
+        # parsed (any string of the event); the image layer refuses them too (tests/unit/images/test_url.py)
         Case(
-            "url-surrogate-query", event("url-surrogate-query", {"url": url("/img/good?v=\udfff")}), "fetch", "bad_url"
+            "url-surrogate-path",
+            event("url-surrogate-path", {"url": url("/img/a\ud800.png")}),
+            "parse",
+            "invalid_unicode",
+        ),
+        Case(
+            "url-surrogate-query",
+            event("url-surrogate-query", {"url": url("/img/good?v=\udfff")}),
+            "parse",
+            "invalid_unicode",
         ),
         Case(
             "url-surrogate-userinfo",
             event("url-surrogate-userinfo", {"url": url("/img/good", host="us\ud800er:pw@127.0.0.1")}),
-            "fetch",
-            "bad_url",
+            "parse",
+            "invalid_unicode",
         ),
         Case(
             "url-surrogate-fragment",
             event("url-surrogate-fragment", {"url": url("/img/good#\udc00")}),
-            "fetch",
-            "bad_url",
+            "parse",
+            "invalid_unicode",
         ),
         # -- fetch: secrets in the URL, which no header or log may repeat
         Case(

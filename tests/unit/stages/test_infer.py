@@ -72,6 +72,7 @@ def test_events_that_arrive_within_the_wait_share_one_batch(build):
     ]
     assert metrics.registry.get_sample_value("diagram_batch_size_sum") == 3
     assert metrics.registry.get_sample_value("diagram_generated_tokens_total") == 6
+    assert metrics.seconds_per_event() >= 0  # learned from this batch: what the queued-work gauge scales lag by
 
 
 def test_a_batch_is_cut_at_batch_size(build):

@@ -36,7 +36,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 from consumer.settings import SERVICE_NAME, Settings
-from consumer.stages.base import InputRecord, OutgoingRecord, WorkItem
+from consumer.stages.base import InputRecord, OutgoingRecord
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -64,7 +64,7 @@ class Tracing:
 
     enabled = False
 
-    def received(self, item: WorkItem) -> None:
+    def received(self, record: InputRecord, epoch: int, event_id: str | None) -> None:
         """An event entered the pipeline (resolve, poll-loop thread): its span starts."""
 
     @contextmanager
@@ -131,13 +131,12 @@ class OtelTracing(Tracing):
         return event.span if event is not None else None
 
     # -- the event's span ------------------------------------------------------------------------
-    def received(self, item: WorkItem) -> None:
-        self._guard("receive", lambda: self._receive(item))
+    def received(self, record: InputRecord, epoch: int, event_id: str | None) -> None:
+        self._guard("receive", lambda: self._receive(record, epoch, event_id))
 
-    def _receive(self, item: WorkItem) -> None:
+    def _receive(self, record: InputRecord, epoch: int, event_id: str | None) -> None:
         from opentelemetry.trace import SpanKind
 
-        record = item.record
         carrier = {
             name.lower(): value.decode("latin-1")
             for name, value in record.headers
@@ -160,8 +159,8 @@ class OtelTracing(Tracing):
             attributes["messaging.kafka.message.key"] = key
         if record.value is None:
             attributes["messaging.kafka.message.tombstone"] = True
-        if item.event_id is not None:
-            attributes["diagram.event.id"] = item.event_id
+        if event_id is not None:
+            attributes["diagram.event.id"] = event_id
         span = self.tracer.start_span(
             f"process {record.topic}", context=parent, kind=SpanKind.CONSUMER, attributes=attributes
         )
@@ -174,7 +173,7 @@ class OtelTracing(Tracing):
             previous = self._events.pop((record.topic, record.partition, record.offset), None)
             if previous is not None:  # read again after a rewind: the first attempt never settled
                 abandoned.append(previous.span)
-            self._events[(record.topic, record.partition, record.offset)] = _Event(span, item.epoch)
+            self._events[(record.topic, record.partition, record.offset)] = _Event(span, epoch)
             while len(self._events) > MAX_OPEN_EVENTS:
                 abandoned.append(self._events.popitem(last=False)[1].span)
         for old in abandoned:

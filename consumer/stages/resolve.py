@@ -64,14 +64,12 @@ class Resolve:
         except Exception as exc:  # noqa: BLE001 - a record nobody foresaw is still only a dead letter
             error = exc if isinstance(exc, ProcessingError) else ParseError.unexpected(exc)
             hint = event_id_hint(record.value, self.settings.max_event_bytes)
-            self._hand_on(WorkItem(record, epoch, failure=error, event_id=hint))
+            self.tracing.received(record, epoch, hint)
+            self.next.submit(WorkItem(record, epoch, failure=error, event_id=hint))
             return
+        self.tracing.received(record, epoch, event.id)  # before the fetch, whose span is its child
         image = self._pool.submit(self._resolve_image, event, record, epoch)
-        self._hand_on(WorkItem(record, epoch, event=event, image=image, event_id=event.id))
-
-    def _hand_on(self, item: WorkItem) -> None:
-        self.tracing.received(item)
-        self.next.submit(item)
+        self.next.submit(WorkItem(record, epoch, event=event, image=image, event_id=event.id))
 
     def _resolve_image(self, event: DiagramEvent, record: InputRecord, epoch: int) -> LoadedImage:
         """Fetch and decode, retrying transient fetch failures with backoff; then the model's preprocessing.

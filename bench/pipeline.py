@@ -31,6 +31,9 @@ started it. Where the time goes per batch comes from the service's own histogram
 the run and diffed. Scaling: 1, 2 and 3 service processes in one group on a 6-partition topic,
 all joined before the events are produced.
 
+`--tracing` turns the service's tracing on (OTEL_TRACES_EXPORTER=otlp) and points it at an OTLP/HTTP
+sink on loopback in this process, which accepts and counts the exports without decoding them.
+
 Tables are printed; the figures go to bench/results/pipeline.json (`ratio_vs_raw`: service over
 raw + decode, base64 events) and a chart to bench/results/pipeline_stages.png.
 """
@@ -146,6 +149,45 @@ class ImageServer:
     def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class OtlpSink:
+    """An OTLP/HTTP traces endpoint on loopback (`--tracing`): answers 200 to every export, counts
+    requests and bytes, decodes nothing (so it costs this process little)."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.bytes = 0
+        sink = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                sink.requests += 1
+                sink.bytes += len(body)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, name="otlp-sink", daemon=True)
+
+    def __enter__(self) -> OtlpSink:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def env(self) -> dict[str, str]:
+        return {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": self.endpoint}
 
 
 @dataclass
@@ -939,6 +981,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "pipeline.json")
     parser.add_argument("--no-scaling", action="store_true")
     parser.add_argument(
+        "--tracing", action="store_true", help="the service traces every event, exporting to an OTLP sink on loopback"
+    )
+    parser.add_argument(
         "--kinds",
         default=",".join(kind.name for kind in KINDS),
         help="which kinds of event to run (the report needs base64)",
@@ -970,6 +1015,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"broker {bootstrap}; {profile.events} events per kind; service logs in {workdir}", flush=True)
         bench = Bench(bootstrap, profile, workdir, extra_env, broker_pid)
         corpus = Corpus(stack.enter_context(ImageServer()))
+        sink = stack.enter_context(OtlpSink()) if args.tracing else None
+        if sink is not None:
+            extra_env = {**extra_env, **sink.env()}
+            bench.extra_env = extra_env
         latency_count = int(profile.latency_rate * profile.latency_seconds)
 
         runs: dict[str, dict] = {}
@@ -999,6 +1048,8 @@ def main(argv: list[str] | None = None) -> int:
             scaling.append(bench.scaling(corpus, processes))
 
         report = build_report(runs, kinds, scaling, profile, corpus, command, started, load_before, extra_env)
+        if sink is not None:
+            report["tracing_exports"] = {"requests": sink.requests, "bytes": sink.bytes}
     print_report(report)
     chart_path = args.output.with_name(args.output.stem + "_stages.png")
     chart(report, chart_path)

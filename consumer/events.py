@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -172,9 +172,29 @@ class GenerationMetadata(BaseModel):
     output_tokens: int
 
 
+CacheStatus = Literal["hit", "miss", "off"]
+"""How a result met the result cache (consumer/result_cache/)."""
+
+
 class ResultMetadata(GenerationMetadata):
-    batch_size: int = Field(description="how many events shared this event's generate call")
+    batch_size: int = Field(
+        description="how many events shared this event's generate call; 0 when the description came from the "
+        "result cache (cache: hit) and no call was made"
+    )
     source: Source
+    content_hash: str | None = Field(None, description="sha256 of the image's bytes as fetched (before decoding), hex")
+    result_key: str | None = Field(
+        None,
+        description="sha256, hex, of what determines the description: the image's bytes, the prompt, the model "
+        "(id, and for a local directory its config and weight files), the adapter's content, max_new_tokens, "
+        "the image pixel bounds and the dtype; the key of the result cache (docs/result-cache.md)",
+    )
+    cache: CacheStatus = Field(
+        "off",
+        description="hit: answered from the result cache without running the model (generation_time 0, "
+        "batch_size 0, output_tokens those of the original generation); miss: generated, and cached; off: no "
+        "result cache is configured (RESULT_CACHE_TOPIC unset)",
+    )
 
 
 class InferResponse(BaseModel):

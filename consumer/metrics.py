@@ -109,6 +109,23 @@ class Metrics:
         self.infer_requests = Counter(
             "diagram_infer_requests", "POST /infer requests, by HTTP status code", ["code"], registry=r
         )
+        self.result_cache_hits = Counter(
+            "diagram_result_cache_hits",
+            "Events answered from the result cache without generating (RESULT_CACHE_TOPIC)",
+            registry=r,
+        )
+        self.result_cache_misses = Counter(
+            "diagram_result_cache_misses", "Events looked up in the result cache and generated", registry=r
+        )
+        self.result_cache_entries = Gauge(
+            "diagram_result_cache_entries", "Entries of the result cache held in memory by this replica", registry=r
+        )
+        self.result_cache_bytes = Gauge(
+            "diagram_result_cache_bytes",
+            "Bytes of the result cache held in memory by this replica: keys and values as on the cache topic "
+            "(at most RESULT_CACHE_MAX_BYTES)",
+            registry=r,
+        )
         self.build = Info("diagram_consumer", "Version, model, adapter and device of this replica", registry=r)
         # process_start_time_seconds (alerts that need a replica's age), resident memory, CPU seconds.
         ProcessCollector(registry=r)
@@ -140,6 +157,11 @@ class Metrics:
                 "backend": info.backend,
             }
         )
+
+    def track_result_cache(self, entries: Callable[[], int], size_bytes: Callable[[], int]) -> None:
+        """The result cache's size gauges are read from the cache at scrape time."""
+        self.result_cache_entries.set_function(lambda: float(entries()))
+        self.result_cache_bytes.set_function(lambda: float(size_bytes()))
 
     def track_readiness(self, is_ready: Callable[[], bool]) -> None:
         """`diagram_ready` is computed at scrape time by the same function /health uses."""

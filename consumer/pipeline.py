@@ -18,6 +18,7 @@ import signal
 import threading
 import time
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
@@ -41,6 +42,10 @@ from consumer.stages.intake import Intake
 from consumer.stages.records import Records
 from consumer.stages.resolve import Resolve
 from consumer.state import ServiceState
+from consumer.tracing import NO_TRACING, Tracing
+
+if TYPE_CHECKING:
+    from consumer.result_cache.step import ResultStep
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +61,11 @@ class Pipeline:
         state: ServiceState,
         consumer_factory: ConsumerFactory = Consumer,
         producer_factory: ProducerFactory = Producer,
+        tracing: Tracing = NO_TRACING,
+        results: ResultStep | None = None,
     ) -> None:
         self.settings, self.generator, self.engine, self.batch_size = settings, generator, engine, batch_size
+        self.tracing, self.results = tracing, results
         self.metrics, self.state = metrics, state
         self._consumer_factory, self._producer_factory = consumer_factory, producer_factory
         self.latch = FatalLatch()
@@ -86,7 +94,9 @@ class Pipeline:
     def _build(self) -> None:
         settings = self.settings
         errors = KafkaErrors(self.state, self.latch)
-        config = fit_to_topic_limits(producer_config(settings), [settings.output_topic, settings.dlq_topic])
+        topics = [settings.output_topic, settings.dlq_topic]
+        topics += [settings.result_cache_topic] if settings.result_cache_topic else []
+        config = fit_to_topic_limits(producer_config(settings), topics)
         self.producer = self._producer_factory({**config, "error_cb": errors})
         self.consumer = self._consumer_factory(
             {
@@ -98,10 +108,26 @@ class Pipeline:
         self.delivery: Delivery = make_delivery(
             settings, self.producer, self.consumer, self.tracker, self.metrics, self.latch, self.state
         )
-        records = Records(settings, self.engine, self.metrics, self.delivery)
-        self.infer = Infer(settings, self.batch_size, self.tracker, self.generator, self.metrics, self.latch, records)
+        records = Records(settings, self.engine, self.metrics, self.delivery, tracing=self.tracing)
+        self.infer = Infer(
+            settings,
+            self.batch_size,
+            self.tracker,
+            self.generator,
+            self.metrics,
+            self.latch,
+            records,
+            results=self.results,
+            tracing=self.tracing,
+        )
         self.resolve = Resolve(
-            settings, self.tracker, ImageResolver(settings), self.generator, self.metrics, self.infer
+            settings,
+            self.tracker,
+            ImageResolver(settings),
+            self.generator,
+            self.metrics,
+            self.infer,
+            tracing=self.tracing,
         )
         self.intake = Intake(
             settings,

@@ -11,8 +11,13 @@ from consumer.errors import ExitCode
 from consumer.hooks import run_test_hook
 from consumer.metrics import Metrics
 from consumer.pipeline import Pipeline
+from consumer.result_cache.key import ResultKeyer
+from consumer.result_cache.step import ResultStep
+from consumer.result_cache.store import ResultCache
+from consumer.result_cache.topic import CacheFollower, CacheTopicError, ensure_cache_topic
 from consumer.settings import Settings
 from consumer.state import ServiceState
+from consumer.tracing import tracing_from_environ
 from consumer.web.server import SideServer, build_app
 
 logger = logging.getLogger(__name__)
@@ -61,6 +66,26 @@ def run_service(settings: Settings) -> int:
     if settings.batch_size is None:
         logger.info("BATCH_SIZE unset: %d, the default on %s", batch_size, info.device)
     metrics.record_engine(info, state.warmup_time)
+    keyer = ResultKeyer.for_engine(settings, info)
+    cache, follower = None, None
+    if settings.result_cache_topic:
+        try:
+            ensure_cache_topic(settings)
+        except CacheTopicError as exc:
+            logger.error("cannot start: %s", exc)
+            server.stop()
+            return ExitCode.FAILED
+        cache = ResultCache(settings.result_cache_max_bytes, metrics)
+        follower = CacheFollower(settings, cache).start()
+        if not follower.wait_loaded(settings.result_cache_load_timeout):
+            logger.warning(
+                "the result cache topic %s was not read to its end within RESULT_CACHE_LOAD_TIMEOUT=%.0f s: "
+                "ready with %d entries, the rest is read while running",
+                settings.result_cache_topic,
+                settings.result_cache_load_timeout,
+                cache.entries,
+            )
+    tracing = tracing_from_environ(settings)
     # The pipeline and POST /infer share one engine, and through it one model call at a time.
     shared = SharedEngine(engine, batch_size)
     pipeline = Pipeline(
@@ -72,6 +97,8 @@ def run_service(settings: Settings) -> int:
         state,
         consumer_factory=observed_consumer_factory(metrics, state),
         producer_factory=observed_producer_factory(),
+        tracing=tracing,
+        results=ResultStep(settings, keyer, info, cache),
     )
     state.shared_engine = shared
     state.ready = True
@@ -79,4 +106,7 @@ def run_service(settings: Settings) -> int:
     try:
         return pipeline.run()
     finally:
+        if follower is not None:
+            follower.stop()
+        tracing.shutdown()
         server.stop()

@@ -112,6 +112,18 @@ class Settings(BaseSettings):
     cloudevents_source: str = "/diagram-consumer"
     """`ce_source` of a result whose input was a CloudEvent: a URI reference naming this service."""
 
+    # -- result cache (consumer/result_cache/) ------------------------------------------------------
+    result_cache_topic: str | None = None
+    """A log-compacted topic from result key to description: set, a repeated image (same bytes, prompt,
+    model, adapter, generation settings and dtype) is answered from it without generating, and the
+    replicas that share the topic share their answers. Unset: no cache (`metadata.cache` is "off")."""
+    result_cache_max_bytes: int = Field(64 * 1024 * 1024, ge=0)
+    """How much of the cache topic a replica keeps in memory (keys and values as serialised); the least
+    recently used entries go first."""
+    result_cache_load_timeout: float = Field(120.0, gt=0)
+    """How long start-up waits to read the cache topic to its end before reporting ready with what it
+    has (the rest is read while running)."""
+
     # -- images --------------------------------------------------------------------------------
     image_root: Path | None = None
     """Path references are allowed only under this directory; unset refuses them."""
@@ -152,6 +164,11 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         return None if value in ("", "none", "0") else value
+
+    @field_validator("result_cache_topic", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @model_validator(mode="after")
     def _echo_only_without_a_mounted_model(self) -> Settings:

@@ -30,6 +30,8 @@ class LoadedImage:
     """The engine's `prepare_image` output, filled in on the fetch thread (see engine/base.py)."""
     decoded_size: tuple[int, int] | None = None
     """The decoded image's (width, height), kept when the image itself is let go."""
+    content_hash: str | None = None
+    """sha256 of the image's bytes as fetched, hex (`metadata.content_hash`); None where not computed."""
 
     @property
     def size(self) -> tuple[int, int]:

@@ -24,7 +24,7 @@ from confluent_kafka import Message
 
 from consumer.engine.base import Generation
 from consumer.errors import ProcessingError
-from consumer.events import DiagramEvent
+from consumer.events import CacheStatus, DiagramEvent
 from consumer.images import LoadedImage
 from consumer.logs import event_fields
 from consumer.offsets import TopicPartitionKey
@@ -36,6 +36,10 @@ T_contra = TypeVar("T_contra", contravariant=True)
 TOO_LARGE = "too large for "
 """How a refusal for size begins (see `OutgoingRecord.fallback`)."""
 PRODUCER_LIMIT = TOO_LARGE + "the producer's message.max.bytes"
+
+
+CACHE_OUTCOME = "cache"
+"""`OutgoingRecord.outcome` of a result cache entry (consumer/result_cache/)."""
 
 
 def topic_limit(topic: str) -> str:
@@ -151,6 +155,10 @@ class Described:
     generation: Generation
     generation_time: float
     batch_size: int
+    cache: CacheStatus = "off"
+    """"hit" (answered from the result cache: no model call), "miss", or "off" (no cache topic)."""
+    result_key: str | None = None
+    """What identifies this result (consumer/result_cache/key.py); None where no keyer was given."""
 
 
 @dataclass(frozen=True)
@@ -175,13 +183,22 @@ class OutgoingRecord:
     source: InputRecord
     epoch: int
     outcome: str
-    """"ok" or "dead_lettered": the label of diagram_events_total."""
+    """"ok" or "dead_lettered": the label of diagram_events_total; or "cache", a result cache entry
+    published beside its result, which settles nothing (`settles_input`)."""
     event_id: str | None = None
     log_fields: dict[str, Any] = field(default_factory=dict)
     """What the per-event log line reports besides the source (timings, tokens, batch size)."""
     fallback: Callable[[str], OutgoingRecord] | None = None
     """What settles the input instead when this record cannot be published as it is; called with why
     (PRODUCER_LIMIT or `topic_limit(...)` when it is too large, the producer's error otherwise)."""
+    on_settled: Callable[[OutgoingRecord, float], None] | None = None
+    """Called once the record settles its input (acknowledged, or its transaction committed), with the
+    time.monotonic() it was produced at: where the event's trace ends (consumer/tracing.py)."""
+
+    @property
+    def settles_input(self) -> bool:
+        """Whether this record's acknowledgement completes its input (a result cache entry does not)."""
+        return self.outcome != CACHE_OUTCOME
 
     @property
     def source_tp(self) -> TopicPartitionKey:

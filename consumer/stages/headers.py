@@ -5,7 +5,8 @@
   result and the dead letter, so a trace that began upstream goes on past this service. A header
   larger than MAX_PROPAGATED_HEADER_BYTES is dropped, and `propagation.dropped` names it. Names this
   service writes itself (`error.*`, `source.*`, `event.id`, `replay.count`, `propagation.*`, `ce_*`)
-  are never copied from the input.
+  are never copied from the input. With tracing on (consumer/tracing.py), `traceparent` and
+  `tracestate` are the event span's instead of the input's.
 - CloudEvents, Kafka protocol binding, binary mode: an input with `ce_specversion` is a CloudEvent,
   and its result is a CloudEvent of its own: `ce_specversion` 1.0, a new `ce_id`, `ce_type`
   (CLOUDEVENTS_TYPE), `ce_source` (CLOUDEVENTS_SOURCE), `ce_time`, the input's `ce_subject`, the
@@ -18,6 +19,7 @@ from __future__ import annotations
 import fnmatch
 import uuid
 from datetime import datetime, timezone
+from typing import Mapping
 
 from consumer.settings import Settings
 
@@ -41,14 +43,22 @@ _CE_OWN = {"ce_specversion", "ce_id", "ce_type", "ce_source", "ce_time", "ce_sub
            "ce_dataschema", "ce_correlationid"}  # fmt: skip
 
 
-def propagated(headers: tuple[Header, ...], settings: Settings) -> list[OutHeader]:
-    """The input headers its result and dead letter carry on, with `propagation.dropped` if any was too large."""
+def propagated(
+    headers: tuple[Header, ...], settings: Settings, trace_context: Mapping[str, bytes] | None = None
+) -> list[OutHeader]:
+    """The input headers its result and dead letter carry on, with `propagation.dropped` if any was too large.
+
+    `trace_context`, when given (tracing on: consumer/tracing.py), is the event span's `traceparent`
+    and `tracestate`: they replace the input's, which are not copied."""
     patterns = [name.lower() for name in TRACE_CONTEXT] + list(settings.propagate_header_patterns())
-    kept: list[OutHeader] = []
+    kept: list[OutHeader] = [(name, value) for name, value in (trace_context or {}).items()]
+    replaced = {name.lower() for name in trace_context or {}} | (
+        {"traceparent", "tracestate"} if trace_context else set()
+    )
     dropped: list[str] = []
     for name, value in headers:
         lowered = name.lower()
-        if lowered in _OWN_NAMES or lowered.startswith(_OWN_PREFIXES):
+        if lowered in _OWN_NAMES or lowered.startswith(_OWN_PREFIXES) or lowered in replaced:
             continue
         if not any(fnmatch.fnmatchcase(lowered, pattern) for pattern in patterns):
             continue

@@ -15,6 +15,7 @@ import threading
 import time
 from concurrent.futures import CancelledError
 from concurrent.futures import TimeoutError as FutureTimeout
+from typing import TYPE_CHECKING
 
 from consumer.engine.base import GenerationRequest, Generator
 from consumer.errors import FetchError, InferError, ProcessingError
@@ -24,6 +25,10 @@ from consumer.offsets import OffsetTracker
 from consumer.settings import Settings
 from consumer.stages.base import Described, Failed, FatalLatch, Outcome, Stage, WorkItem
 from consumer.stages.resolve import FETCH_ATTEMPTS, FETCH_BACKOFF_S
+from consumer.tracing import NO_TRACING, Tracing
+
+if TYPE_CHECKING:
+    from consumer.result_cache.step import ResultStep
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +59,13 @@ class Infer:
         metrics: Metrics,
         latch: FatalLatch,
         next_stage: Stage[list[Outcome]],
+        results: ResultStep | None = None,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         self.settings, self.batch_size, self.tracker = settings, batch_size, tracker
         self.generator, self.metrics, self.latch, self.next = generator, metrics, latch, next_stage
+        self.results, self.tracing = results, tracing
+        """`results`: result keys, and the result cache's answers before the model (consumer/result_cache/)."""
         self._queue: queue.Queue[WorkItem | object] = queue.Queue()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
@@ -135,7 +144,7 @@ class Infer:
                 outcomes.append(Failed(item, FetchError.unexpected(exc)))
         if ready:
             logger.info("generating a batch of %d: %s", len(ready), " ".join(item.describe() for item, _ in ready))
-            outcomes.extend(self._generate(ready))
+            outcomes.extend(self.results.answer(ready, self._generate) if self.results else self._generate(ready))
         return outcomes
 
     def _generate(self, ready: list[tuple[WorkItem, LoadedImage]]) -> list[Outcome]:
@@ -145,14 +154,17 @@ class Infer:
             assert item.event is not None
             prompt = item.event.prompt or self.settings.prompt
             requests.append(GenerationRequest(image=loaded.image, prompt=prompt, prepared=loaded.prepared))
+        started_ns = time.time_ns()
         try:
             batch = self.generator.generate(requests)
         except Exception as exc:  # noqa: BLE001 - one bad image must not sink its batch
+            self.tracing.generated([item.record for item, _ in ready], started_ns, time.time_ns(), exc)
             if len(ready) > 1:
                 logger.warning("batch of %d failed (%s); retrying one by one", len(ready), exc)
                 return [outcome for pair in ready for outcome in self._generate([pair])]
             error = InferError(f"model failed: {exc}", reason=type(exc).__name__)
             return [Failed(ready[0][0], error)]
+        self.tracing.generated([item.record for item, _ in ready], started_ns, time.time_ns(), None)
         preprocess_time = min(batch.preprocess_seconds, batch.seconds)
         self.metrics.stage_seconds.labels("preprocess").observe(preprocess_time)
         self.metrics.stage_seconds.labels("generate").observe(batch.seconds - preprocess_time)

@@ -28,9 +28,20 @@ from consumer.events import (
 )
 from consumer.logs import event_fields
 from consumer.metrics import Metrics
+from consumer.result_cache.store import MAX_ENTRY_BYTES, cache_entry
 from consumer.settings import Settings
-from consumer.stages.base import TOO_LARGE, Described, Failed, InputRecord, Outcome, OutgoingRecord, Stage
+from consumer.stages.base import (
+    CACHE_OUTCOME,
+    TOO_LARGE,
+    Described,
+    Failed,
+    InputRecord,
+    Outcome,
+    OutgoingRecord,
+    Stage,
+)
 from consumer.stages.headers import cloud_event_of, propagated, result_cloud_event
+from consumer.tracing import NO_TRACING, Tracing
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +59,16 @@ FULL, VALUE_OMITTED, KEY_HASHED, BARE = 0, 1, 2, 3
 
 class Records:
     def __init__(
-        self, settings: Settings, engine: EngineInfo, metrics: Metrics, next_stage: Stage[list[OutgoingRecord]]
+        self,
+        settings: Settings,
+        engine: EngineInfo,
+        metrics: Metrics,
+        next_stage: Stage[list[OutgoingRecord]],
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         self.settings, self.engine, self.metrics, self.next = settings, engine, metrics, next_stage
+        self.tracing = tracing
+        self._on_settled = tracing.settled if tracing.enabled else None
 
     def submit(self, outcomes: list[Outcome]) -> None:
         records = []
@@ -65,6 +83,14 @@ class Records:
                     item = outcome.item
                     error = ResultError.unexpected(exc)
                     records.append(self.dead_letter(item.record, item.epoch, error, item.event_id))
+                    continue
+                try:
+                    entry = self.cache_record(outcome)
+                except Exception:  # noqa: BLE001 - a cache entry is never worth an event
+                    logger.warning("cannot build the result cache entry for %s", outcome.item.describe(), exc_info=True)
+                    entry = None
+                if entry is not None:
+                    records.append(entry)
         self.next.submit(records)
 
     def poll(self, timeout: float = 0.0) -> None:
@@ -94,6 +120,9 @@ class Records:
                 output_tokens=described.generation.output_tokens,
                 batch_size=described.batch_size,
                 source=Source(topic=source.topic, partition=source.partition, offset=source.offset),
+                content_hash=described.loaded.content_hash,
+                result_key=described.result_key,
+                cache=described.cache,
             ),
             input_metadata=item.event.metadata,
         )
@@ -109,7 +138,8 @@ class Records:
             topic=self.settings.output_topic,
             key=source.key,
             value=value,
-            headers=propagated(source.headers, self.settings) + result_cloud_event(source.headers, self.settings)
+            headers=propagated(source.headers, self.settings, self.tracing.trace_headers(source))
+            + result_cloud_event(source.headers, self.settings)
             or None,
             source=source,
             epoch=item.epoch,
@@ -121,7 +151,31 @@ class Records:
                 "generation_time": result.metadata.generation_time,
                 "output_tokens": result.metadata.output_tokens,
                 "batch_size": result.metadata.batch_size,
+                "cache": result.metadata.cache,
             },
+            on_settled=self._on_settled,
+        )
+
+    def cache_record(self, described: Described) -> OutgoingRecord | None:
+        """The result cache entry a generated description leaves on RESULT_CACHE_TOPIC, keyed by its
+        result key, published with its result (in the same transaction under exactly-once); None
+        without a cache topic, for a hit, or for an entry over MAX_ENTRY_BYTES."""
+        topic, key, item = self.settings.result_cache_topic, described.result_key, described.item
+        if topic is None or key is None or described.cache != "miss":
+            return None
+        entry = cache_entry(described, self.engine)
+        value = entry.encode() if entry is not None else None
+        if value is None or len(value) > MAX_ENTRY_BYTES:
+            return None
+        return OutgoingRecord(
+            topic=topic,
+            key=key.encode(),
+            value=value,
+            headers=None,
+            source=item.record,
+            epoch=item.epoch,
+            outcome=CACHE_OUTCOME,
+            event_id=item.event_id,
         )
 
     # -- dead letters ------------------------------------------------------------------------------
@@ -175,7 +229,12 @@ class Records:
         if level >= KEY_HASHED and key is not None:
             headers = headers.model_copy(update={"error_key_hashed": str(len(key))})
             key = hashlib.sha256(key).hexdigest().encode()
-        travelling = [] if level >= BARE else propagated(source.headers, self.settings) + cloud_event_of(source.headers)
+        trace_context = self.tracing.trace_headers(source)
+        travelling = (
+            []
+            if level >= BARE
+            else propagated(source.headers, self.settings, trace_context) + cloud_event_of(source.headers)
+        )
         next_level = level + 1 if level < BARE else None
 
         def smaller(_why: str) -> OutgoingRecord:
@@ -192,4 +251,5 @@ class Records:
             outcome="dead_lettered",
             event_id=event_id,
             fallback=smaller if next_level is not None else None,
+            on_settled=self._on_settled,
         )

@@ -22,8 +22,10 @@ from consumer.events import DiagramEvent, event_id_hint, parse_event
 from consumer.images import ImageResolver, LoadedImage
 from consumer.metrics import Metrics
 from consumer.offsets import OffsetTracker
+from consumer.result_cache.key import content_hash
 from consumer.settings import Settings
 from consumer.stages.base import InputRecord, MessageRejected, Stage, WorkItem
+from consumer.tracing import NO_TRACING, Tracing
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +42,11 @@ class Resolve:
         generator: Generator,
         metrics: Metrics,
         next_stage: Stage[WorkItem],
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         self.settings, self.tracker, self.resolver = settings, tracker, resolver
         self.generator, self.metrics, self.next = generator, metrics, next_stage
+        self.tracing = tracing
         self._pool = ThreadPoolExecutor(settings.fetch_workers, thread_name_prefix="fetch")
 
     def submit(self, record: InputRecord) -> None:
@@ -60,8 +64,10 @@ class Resolve:
         except Exception as exc:  # noqa: BLE001 - a record nobody foresaw is still only a dead letter
             error = exc if isinstance(exc, ProcessingError) else ParseError.unexpected(exc)
             hint = event_id_hint(record.value, self.settings.max_event_bytes)
+            self.tracing.received(record, epoch, hint)
             self.next.submit(WorkItem(record, epoch, failure=error, event_id=hint))
             return
+        self.tracing.received(record, epoch, event.id)  # before the fetch, whose span is its child
         image = self._pool.submit(self._resolve_image, event, record, epoch)
         self.next.submit(WorkItem(record, epoch, event=event, image=image, event_id=event.id))
 
@@ -69,10 +75,12 @@ class Resolve:
         """Fetch and decode, retrying transient fetch failures with backoff; then the model's preprocessing.
 
         Raises only `ProcessingError` (or `CancelledError` when the partition moved on meanwhile)."""
-        data = self._fetch(event, record, epoch)
+        with self.tracing.step(record, "fetch"):
+            data = self._fetch(event, record, epoch)
         started = time.perf_counter()
         try:
-            image = self.resolver.decode(data)
+            with self.tracing.step(record, "decode"):
+                image = self.resolver.decode(data)
         except DecodeError:
             raise
         except Exception as exc:  # noqa: BLE001
@@ -81,11 +89,14 @@ class Resolve:
         self.metrics.stage_seconds.labels("decode").observe(decoded - started)
         try:
             # Image preprocessing here, in parallel, keeps it off the single model thread.
-            prepared = self.generator.prepare_image(image)
+            with self.tracing.step(record, "prepare"):
+                prepared = self.generator.prepare_image(image)
         except Exception as exc:  # noqa: BLE001
             raise PrepareError.unexpected(exc) from exc
         self.metrics.stage_seconds.labels("prepare").observe(time.perf_counter() - decoded)
-        loaded = LoadedImage(image=image, source_bytes=len(data), decode_seconds=decoded - started)
+        loaded = LoadedImage(
+            image=image, source_bytes=len(data), decode_seconds=decoded - started, content_hash=content_hash(data)
+        )
         return loaded.with_prepared(prepared)
 
     def _fetch(self, event: DiagramEvent, record: InputRecord, epoch: int) -> bytes:

@@ -173,14 +173,24 @@ def test_topics_job_creates_the_consumers_topics_with_the_intended_partitions(co
     env = {"PATH": os.environ["PATH"], **{k: str(v) for k, v in environment(job).items()}}
     subprocess.run([*job["entrypoint"], script], env=env, check=True, timeout=30)
 
-    created = {}
+    created, configs = {}, {}
     for call in calls.read_text().splitlines():
         if "--create" in call.split():
             words = call.split()
             assert "--if-not-exists" in words, "a second `up` would fail on existing topics"
-            created[words[words.index("--topic") + 1]] = int(words[words.index("--partitions") + 1])
+            topic = words[words.index("--topic") + 1]
+            created[topic] = int(words[words.index("--partitions") + 1])
+            configs[topic] = [words[i + 1] for i, word in enumerate(words) if word == "--config"]
     consumer = settings_for(environment(compose["services"][CONSUMERS["cpu"]]))
-    assert set(created) == {consumer.input_topic, consumer.output_topic, consumer.dlq_topic}
+    assert consumer.result_cache_topic is not None
+    assert set(created) == {
+        consumer.input_topic,
+        consumer.output_topic,
+        consumer.dlq_topic,
+        consumer.result_cache_topic,
+    }
+    # The result cache keeps one entry per key, and never loses one to retention.
+    assert configs[consumer.result_cache_topic] == ["cleanup.policy=compact"]
     # The input topic's partitions are the most replicas that can share the work: KEDA's cap.
     scaled = next(d for d in kustomize_build(K8S_DIR / "overlays" / "gpu") if d["kind"] == "ScaledObject")
     assert created[consumer.input_topic] == scaled["spec"]["maxReplicaCount"]

@@ -66,6 +66,12 @@ class AtLeastOnce(DeliveryBase):
         produced_at = time.monotonic()  # the handler is made just before its produce() call
 
         def on_delivery(error: KafkaError | None, _published: Message) -> None:
+            if not record.settles_input:
+                # A result cache entry: its input is settled by its result, and a lost entry costs a
+                # generation later, never the event.
+                if error is not None:
+                    logger.warning("could not publish a result cache entry for %s: %s", record.source, error)
+                return
             why = broker_refusal(record, error)
             if why is not None:
                 assert record.fallback is not None

@@ -117,6 +117,10 @@ class DeliveryBase:
                 raise Refused(f"the producer refused it: {type(exc).__name__}: {exc}") from None
 
     def _count(self, record: OutgoingRecord, produced_at: float) -> None:
+        if not record.settles_input:
+            return  # a result cache entry: not an event's outcome
+        if record.on_settled is not None:
+            record.on_settled(record, produced_at)
         self.metrics.events.labels(record.outcome).inc()
         self.metrics.stage_seconds.labels("publish").observe(time.monotonic() - produced_at)
         timestamp_ms = record.source.timestamp_ms

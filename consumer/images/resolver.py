@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING
 from PIL import Image
 
 from consumer.events import ImageRef
+from consumer.images.fetch import UrlFetcher
 from consumer.images.local import PathReader, decode_base64
 from consumer.images.shown import messages_shown_safely
-from consumer.images.url import UrlFetcher
 from consumer.images.worker import DecodeWorkers
 
 if TYPE_CHECKING:

@@ -1,96 +1,34 @@
-"""Tracing: one OpenTelemetry span per event, under the trace its input's `traceparent` belongs to.
-
-Off by default. On when the standard OpenTelemetry environment asks for it: OTEL_TRACES_EXPORTER
-`otlp` (OTLP over HTTP/protobuf to OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT)
-and/or `console`, unless OTEL_SDK_DISABLED=true. Everything else the SDK reads itself:
-OTEL_SERVICE_NAME (default `diagram-consumer`), OTEL_RESOURCE_ATTRIBUTES, OTEL_TRACES_SAMPLER,
-OTEL_BSP_*, OTEL_EXPORTER_OTLP_HEADERS, ... (docs/tracing.md).
-
-The spans of one event (messaging semantic conventions):
-
-    process <input topic>   CONSUMER, child of the input's traceparent (a new trace without one)
-      event "receive"       when the record entered the pipeline
-      fetch, decode, prepare  on the fetch threads
-      generate              its share of the model call, linked to the batch's span
-      send <output topic>   PRODUCER, from produce to the broker's acknowledgement (or commit)
-    generate batch          one per model call: its own trace, linked to each event's span
-
-The result's and the dead letter's `traceparent` (and `tracestate`) name the event's span, so a
-downstream consumer continues this trace; with tracing off they are the input's, unchanged.
-
-The stages get a `Tracing`; `Tracing()` itself does nothing (tracing off), `OtelTracing` records.
-Nothing here may fail an event: every error of the tracing code is logged (at most once a minute)
-and swallowed.
-"""
+"""`OtelTracing`: the spans of each event and batch, recorded with the OpenTelemetry SDK."""
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
-from consumer.settings import SERVICE_NAME, Settings
+from consumer.settings import Settings
 from consumer.stages.base import InputRecord, OutgoingRecord
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SpanExporter
     from opentelemetry.trace import Span, Tracer
 
+from consumer.tracing.base import (
+    ERROR_LOG_INTERVAL_S,
+    MAX_KEY_CHARS,
+    MAX_OPEN_EVENTS,
+    SHUTDOWN_FLUSH_MS,
+    EventKey,
+    T,
+    Tracing,
+)
+
 logger = logging.getLogger(__name__)
-
-T = TypeVar("T")
-EventKey = tuple[str, int, int]
-"""An input record by topic, partition and offset."""
-
-MAX_OPEN_EVENTS = 10_000
-"""Event spans kept open at most. An event whose partition was revoked never settles here; past this
-many, the oldest open span is ended as abandoned."""
-MAX_KEY_CHARS = 256
-"""A message key longer than this is left out of messaging.kafka.message.key."""
-ERROR_LOG_INTERVAL_S = 60.0
-SHUTDOWN_FLUSH_MS = 5000
-
-
-class Tracing:
-    """The tracing the stages see. This base class records nothing (tracing off): every method is a
-    no-op, and `trace_headers` returns None, so the input's trace context travels unchanged."""
-
-    enabled = False
-
-    def received(self, record: InputRecord, epoch: int, event_id: str | None) -> None:
-        """An event entered the pipeline (resolve, poll-loop thread): its span starts."""
-
-    @contextmanager
-    def step(self, record: InputRecord, name: str) -> Iterator[None]:
-        """A child span of the event's span around the body (fetch, decode, prepare)."""
-        yield
-
-    def generated(
-        self, records: Sequence[InputRecord], started_ns: int, ended_ns: int, error: BaseException | None
-    ) -> None:
-        """One model call over `records` (infer, inference thread), from `started_ns` to `ended_ns`
-        (time.time_ns()): a batch span, and a linked child of each event's span."""
-
-    def trace_headers(self, record: InputRecord) -> dict[str, bytes] | None:
-        """The trace context an outgoing record of `record` carries (traceparent, tracestate), or None
-        to copy the input's unchanged."""
-        return None
-
-    def settled(self, record: OutgoingRecord, produced_at: float) -> None:
-        """The event's result or dead letter was acknowledged (delivery): its span ends."""
-
-    def shutdown(self) -> None:
-        """Export what is left (waits up to a few seconds)."""
-
-
-NO_TRACING = Tracing()
 
 
 @dataclass
@@ -344,80 +282,3 @@ def _abandon(span: Span) -> None:
 
 
 # -- set-up from the environment ------------------------------------------------------------------
-def exporter_names(environ: Mapping[str, str]) -> list[str]:
-    """The span exporters the environment asks for; empty means tracing is off (OTEL_TRACES_EXPORTER
-    unset, empty or `none`, or OTEL_SDK_DISABLED=true)."""
-    if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
-        return []
-    names = [name.strip().lower() for name in environ.get("OTEL_TRACES_EXPORTER", "").split(",")]
-    return [name for name in names if name and name != "none"]
-
-
-def tracing_from_environ(settings: Settings, environ: Mapping[str, str] | None = None) -> Tracing:
-    """The service's tracing, as the standard OpenTelemetry variables ask; `NO_TRACING` when they ask
-    for none, or when the SDK cannot be set up (logged: the service runs untraced)."""
-    environ = os.environ if environ is None else environ
-    names = exporter_names(environ)
-    if not names:
-        return NO_TRACING
-    try:
-        exporters = _exporters(names, environ)
-        if not exporters:
-            return NO_TRACING
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
-        provider = TracerProvider(resource=_resource())
-        for exporter in exporters:
-            provider.add_span_processor(BatchSpanProcessor(exporter))
-    except Exception:  # noqa: BLE001 - tracing is never a reason not to serve
-        logger.exception("cannot set up tracing (OTEL_TRACES_EXPORTER=%s): running untraced", ",".join(names))
-        return NO_TRACING
-    logger.info(
-        "tracing on: %s, service.name=%s",
-        ", ".join(f"{name} ({_destination(name, environ)})" for name in names),
-        provider.resource.attributes.get("service.name"),
-    )
-    return OtelTracing(provider.get_tracer("consumer"), settings, provider)
-
-
-def _exporters(names: list[str], environ: Mapping[str, str]) -> list[SpanExporter]:
-    exporters: list[SpanExporter] = []
-    for name in names:
-        if name == "otlp":
-            protocol = (
-                environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-                or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
-                or "http/protobuf"
-            )
-            if protocol.strip().lower() != "http/protobuf":
-                logger.warning("OTEL_EXPORTER_OTLP_PROTOCOL=%s: only http/protobuf is installed; using it", protocol)
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-            exporters.append(OTLPSpanExporter())
-        elif name == "console":
-            from opentelemetry.sdk.trace.export import ConsoleSpanExporter
-
-            exporters.append(ConsoleSpanExporter())
-        else:
-            logger.warning("OTEL_TRACES_EXPORTER names %r, which this service does not have (otlp, console)", name)
-    return exporters
-
-
-def _resource() -> Any:
-    from opentelemetry.sdk.resources import Resource
-
-    from consumer.metrics import package_version
-
-    resource = Resource.create({"service.version": package_version()})
-    if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
-        resource = resource.merge(Resource({"service.name": SERVICE_NAME}))
-    return resource
-
-
-def _destination(name: str, environ: Mapping[str, str]) -> str:
-    if name != "otlp":
-        return "stdout"
-    return environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or (
-        environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "http://localhost:4318").rstrip("/") + "/v1/traces"
-    )

@@ -34,6 +34,15 @@ class OffsetTracker:
         self._lock = threading.Lock()
         self._partitions: dict[TopicPartitionKey, _PartitionState] = {}
         self._epoch = 0
+        # Totals over every partition's pending offsets, kept as they change: read for every record.
+        self._in_flight = 0
+        self._in_flight_bytes = 0
+
+    def _drop(self, state: _PartitionState | None) -> None:
+        """Take `state`'s pending offsets out of the totals (its partition is forgotten or renewed)."""
+        if state is not None:
+            self._in_flight -= len(state.pending)
+            self._in_flight_bytes -= sum(state.pending.values())
 
     def _new_state(self, held: bool = False) -> _PartitionState:
         self._epoch += 1
@@ -42,13 +51,14 @@ class OffsetTracker:
     def assign(self, tp: TopicPartitionKey) -> int:
         """Start a new epoch for `tp` with nothing in flight; returns the epoch."""
         with self._lock:
+            self._drop(self._partitions.get(tp))
             state = self._partitions[tp] = self._new_state()
             return state.epoch
 
     def revoke(self, tp: TopicPartitionKey) -> None:
         """Forget `tp`: its in-flight work is dropped and its late acknowledgements are ignored."""
         with self._lock:
-            self._partitions.pop(tp, None)
+            self._drop(self._partitions.pop(tp, None))
 
     def hold(self, tp: TopicPartitionKey) -> int | None:
         """Drop `tp`'s in-flight work and refuse its records until `assign`; returns where consuming
@@ -57,6 +67,7 @@ class OffsetTracker:
             state = self._partitions.get(tp)
             if state is None:
                 return None
+            self._drop(state)
             self._partitions[tp] = self._new_state(held=True)
             return state.first_offset
 
@@ -84,7 +95,12 @@ class OffsetTracker:
                 state = self._partitions[tp] = self._new_state()
             if state.held:
                 return None
+            if offset in state.pending:  # polled again: counted once
+                self._in_flight -= 1
+                self._in_flight_bytes -= state.pending[offset]
             state.pending[offset] = size
+            self._in_flight += 1
+            self._in_flight_bytes += size
             state.next_offset = max(state.next_offset or 0, offset + 1)
             state.first_offset = offset if state.first_offset is None else min(state.first_offset, offset)
             return state.epoch
@@ -95,16 +111,19 @@ class OffsetTracker:
             state = self._partitions.get(tp)
             if state is None or state.epoch != epoch:
                 return False
-            state.pending.pop(offset, None)
+            size = state.pending.pop(offset, None)
+            if size is not None:
+                self._in_flight -= 1
+                self._in_flight_bytes -= size
             return True
 
     def in_flight(self) -> int:
         with self._lock:
-            return sum(len(state.pending) for state in self._partitions.values())
+            return self._in_flight
 
     def in_flight_bytes(self) -> int:
         with self._lock:
-            return sum(sum(state.pending.values()) for state in self._partitions.values())
+            return self._in_flight_bytes
 
     def in_flight_for(self, tps: list[TopicPartitionKey]) -> int:
         with self._lock:

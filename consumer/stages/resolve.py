@@ -51,14 +51,15 @@ class Resolve:
 
     def submit(self, record: InputRecord) -> None:
         size = len(record.key or b"") + len(record.value or b"")
-        if self.tracker.in_flight() >= self.settings.max_in_flight or (
-            self.tracker.in_flight() and self.tracker.in_flight_bytes() + size > self.settings.max_in_flight_bytes
+        in_flight = self.tracker.in_flight()
+        if in_flight >= self.settings.max_in_flight or (
+            in_flight and self.tracker.in_flight_bytes() + size > self.settings.max_in_flight_bytes
         ):
             raise MessageRejected
         epoch = self.tracker.add(record.tp, record.offset, size)
         if epoch is None:
             return  # the partition is being rewound: this record will be read again
-        self.metrics.in_flight.set(self.tracker.in_flight())
+        self.metrics.in_flight.set(in_flight + 1)
         try:
             event = parse_event(record.value, self.settings.max_event_bytes)
         except Exception as exc:  # noqa: BLE001 - a record nobody foresaw is still only a dead letter

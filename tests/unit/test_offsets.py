@@ -68,3 +68,26 @@ def test_a_held_partition_refuses_records_and_commits_nothing_until_reassigned()
     assert tracker.commit_points() == {} and tracker.in_flight() == 0
     new_epoch = tracker.assign(TP)
     assert tracker.add(TP, 7) == new_epoch
+
+
+def test_the_in_flight_totals_follow_every_change():
+    """What the window reads for every record: counted as offsets come and go, not summed each time."""
+    tracker = OffsetTracker()
+    epoch = tracker.assign(TP)
+    other = tracker.assign(OTHER)
+    tracker.add(TP, 0, 100)
+    tracker.add(TP, 1, 50)
+    tracker.add(TP, 1, 50)  # read again before it was done: counted once
+    tracker.add(OTHER, 7, 10)
+    assert (tracker.in_flight(), tracker.in_flight_bytes()) == (3, 160)
+    tracker.done(TP, 0, epoch)
+    tracker.done(TP, 0, epoch)  # a second acknowledgement of the same offset changes nothing
+    assert (tracker.in_flight(), tracker.in_flight_bytes()) == (2, 60)
+    tracker.hold(OTHER)  # rewinding: its work is dropped
+    assert (tracker.in_flight(), tracker.in_flight_bytes()) == (1, 50)
+    tracker.assign(TP)  # a new epoch: the old one's work is dropped
+    assert (tracker.in_flight(), tracker.in_flight_bytes()) == (0, 0)
+    tracker.add(TP, 2, 5)
+    tracker.revoke(TP)
+    assert (tracker.in_flight(), tracker.in_flight_bytes()) == (0, 0)
+    assert other != epoch

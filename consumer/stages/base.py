@@ -175,7 +175,7 @@ class OutgoingRecord:
     source: InputRecord
     epoch: int
     outcome: str
-    """"ok" or "dead_lettered": the label of diagram_events_total."""
+    """"ok", "dead_lettered" or "retry_scheduled" (a hop to a retry topic): the label of diagram_events_total."""
     event_id: str | None = None
     log_fields: dict[str, Any] = field(default_factory=dict)
     """What the per-event log line reports besides the source (timings, tokens, batch size)."""

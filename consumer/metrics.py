@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 # Seconds-long inference needs buckets well past prometheus_client's default 10 s ceiling.
 STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 2400)
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128, 256)
-OUTCOMES = ("ok", "dead_lettered", "retried")
+OUTCOMES = ("ok", "dead_lettered", "retried", "retry_scheduled")
 STAGES = ("fetch", "decode", "prepare", "preprocess", "generate", "publish", "end_to_end")
 GENERATION_HALF_LIFE_BATCHES = 8
 """How fast the recent seconds per event forget: a batch counts half as much after this many newer
@@ -46,7 +46,11 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.events = Counter(
-            "diagram_events", "Input events handled, by outcome (ok, dead_lettered, retried)", ["outcome"], registry=r
+            "diagram_events",
+            "Input events handled, by outcome: ok, dead_lettered, retried (an in-process fetch retry), "
+            "retry_scheduled (a hop to a retry topic, RETRY_DELAYS)",
+            ["outcome"],
+            registry=r,
         )
         self.failures = Counter(
             "diagram_event_failures", "Events that failed, by stage and reason", ["stage", "reason"], registry=r
@@ -65,6 +69,11 @@ class Metrics:
         self.in_flight = Gauge("diagram_in_flight_events", "Events polled but not yet published", registry=r)
         self.paused_partitions = Gauge(
             "diagram_paused_partitions", "Assigned partitions paused because the in-flight window is full", registry=r
+        )
+        self.waiting_partitions = Gauge(
+            "diagram_waiting_partitions",
+            "Retry-topic partitions paused until their next record is due (RETRY_DELAYS)",
+            registry=r,
         )
         self.assigned_partitions = Gauge(
             "diagram_assigned_partitions", "Partitions assigned to this member", registry=r

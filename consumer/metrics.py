@@ -127,6 +127,8 @@ class Metrics:
         for stage in STAGES:
             self.stage_seconds.labels(stage)
         self._lag_series: set[tuple[str, str]] = set()
+        self.deferred_topics: frozenset[str] = frozenset()
+        """Topics whose lag is not queued work: the retry topics, whose records wait for their due time."""
         # Written by the statistics callback (poll loop) and the inference thread, read at scrape time.
         self._work_lock = threading.Lock()
         self._queued_events = 0
@@ -162,6 +164,8 @@ class Metrics:
         partitions that went elsewhere are removed, so a sum over replicas never counts one twice. For
         the queued work, a partition with nothing committed yet counts from its low watermark, where
         auto.offset.reset=earliest starts it: a new group's backlog is work before its first commit.
+        The lag of `deferred_topics` (the retry topics) is reported but not counted as queued work: their
+        records wait for a due time up to RETRY_DELAYS away, and more replicas would not make them due.
         """
         current: set[tuple[str, str]] = set()
         queued_events = 0
@@ -172,11 +176,13 @@ class Metrics:
                 lag = partition_stats.get("consumer_lag", -1)
                 if lag < 0:
                     # Nothing committed yet, or the end offset is not known yet: no lag series.
-                    queued_events += _uncommitted_backlog(partition_stats)
+                    if topic not in self.deferred_topics:
+                        queued_events += _uncommitted_backlog(partition_stats)
                     continue
                 self.consumer_lag.labels(topic, partition).set(lag)
                 current.add((topic, partition))
-                queued_events += lag
+                if topic not in self.deferred_topics:
+                    queued_events += lag
         for series in self._lag_series - current:
             try:
                 self.consumer_lag.remove(*series)

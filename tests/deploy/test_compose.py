@@ -1,6 +1,7 @@
 """docker-compose.yml, as the compose CLI resolves it (no Docker engine here, so nothing is started):
 every service has what it needs, the consumer's settings are real, its port, probes and scrape target
-agree with the side server, and the topics job creates the topics the consumer reads and writes."""
+agree with the side server, and the topics job creates the topics the consumer reads and writes (its
+retry topics included, named in sh as the service names them)."""
 
 from __future__ import annotations
 
@@ -156,34 +157,52 @@ def test_grafana_gets_the_datasource_and_the_dashboard(compose):
     assert home in dashboards
 
 
-def test_topics_job_creates_the_consumers_topics_with_the_intended_partitions(compose, tmp_path):
+def run_topics_job(job: dict, workdir: Path, **overrides: str) -> dict[str, int]:
     """Runs the job's own shell script, with a stand-in for kafka-topics.sh that records its arguments
-    (there is no Kafka CLI here); the broker side of `--create` is Kafka's, not ours."""
-    job = compose["services"]["topics"]
-    assert job["image"] == compose["services"]["kafka"]["image"]
-    assert job["depends_on"]["kafka"]["condition"] == "service_healthy"
-    assert job["entrypoint"][:1] == ["/bin/sh"]
+    (there is no Kafka CLI here; the broker side of `--create` is Kafka's, not ours); returns the topics
+    it creates with their partition counts."""
     script = job["command"][0] if isinstance(job["command"], list) else job["command"]
     script = script.replace("$$", "$")  # compose's escape for a literal $
-    calls = tmp_path / "calls"
-    recorder = tmp_path / "kafka-topics.sh"
+    calls = workdir / "calls"
+    calls.unlink(missing_ok=True)
+    recorder = workdir / "kafka-topics.sh"
     recorder.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> {calls}\n')
     recorder.chmod(0o755)
     script = script.replace("/opt/kafka/bin/kafka-topics.sh", str(recorder))
-    env = {"PATH": os.environ["PATH"], **{k: str(v) for k, v in environment(job).items()}}
+    env = {"PATH": os.environ["PATH"], **{k: str(v) for k, v in environment(job).items()}, **overrides}
     subprocess.run([*job["entrypoint"], script], env=env, check=True, timeout=30)
-
     created = {}
     for call in calls.read_text().splitlines():
         if "--create" in call.split():
             words = call.split()
             assert "--if-not-exists" in words, "a second `up` would fail on existing topics"
             created[words[words.index("--topic") + 1]] = int(words[words.index("--partitions") + 1])
+    return created
+
+
+def test_topics_job_creates_the_consumers_topics_with_the_intended_partitions(compose, tmp_path):
+    job = compose["services"]["topics"]
+    assert job["image"] == compose["services"]["kafka"]["image"]
+    assert job["depends_on"]["kafka"]["condition"] == "service_healthy"
+    assert job["entrypoint"][:1] == ["/bin/sh"]
+    created = run_topics_job(job, tmp_path)
     consumer = settings_for(environment(compose["services"][CONSUMERS["cpu"]]))
-    assert set(created) == {consumer.input_topic, consumer.output_topic, consumer.dlq_topic}
+    retry_topics = consumer.retry_topics()
+    assert retry_topics, "the stack runs with RETRY_DELAYS, and the job creates its topics"
+    assert set(created) == {consumer.input_topic, consumer.output_topic, consumer.dlq_topic, *retry_topics}
+    assert all(created[topic] == created[consumer.input_topic] for topic in retry_topics)
     # The input topic's partitions are the most replicas that can share the work: KEDA's cap.
     scaled = next(d for d in kustomize_build(K8S_DIR / "overlays" / "gpu") if d["kind"] == "ScaledObject")
     assert created[consumer.input_topic] == scaled["spec"]["maxReplicaCount"]
+
+
+@pytest.mark.parametrize("delays", ["250ms,1s,90,2d,45m", "1h", ""])
+def test_topics_job_names_retry_topics_as_the_service_does(compose, tmp_path, delays):
+    job = compose["services"]["topics"]
+    created = run_topics_job(job, tmp_path, RETRY_DELAYS=delays)
+    consumer = settings_for({**environment(compose["services"][CONSUMERS["cpu"]]), "RETRY_DELAYS": delays})
+    fixed = {consumer.input_topic, consumer.output_topic, consumer.dlq_topic}
+    assert set(created) - fixed == set(consumer.retry_topics())
 
 
 def test_broker_is_the_version_the_tests_run(compose):

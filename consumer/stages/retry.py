@@ -108,6 +108,7 @@ class RetryPolicy:
     def __init__(self, settings: Settings) -> None:
         self.delays = settings.retry_delays
         self._topic_of = {delay: settings.retry_topic(delay) for delay in self.delays}
+        self._delay_of = {topic: delay for delay, topic in self._topic_of.items()}
         self.topics = frozenset(self._topic_of.values())
 
     @property
@@ -122,7 +123,8 @@ class RetryPolicy:
     def state_of(self, record: InputRecord) -> RetryState:
         """The record's retry state. Only records of this service's retry topics have one besides the
         first attempt; their headers are read defensively (a header that cannot be read counts as the
-        last attempt, due at once, so a mangled record settles rather than loops)."""
+        last attempt, due no later than its topic's delay after it was published, so a mangled record
+        settles rather than loops)."""
         own = Origin(record.topic, record.partition, record.offset)
         if record.topic not in self.topics:
             return RetryState(attempt=1, origin=own)
@@ -145,10 +147,19 @@ class RetryPolicy:
         return RetryState(attempt, origin, errors, header_text(first) if first is not None else None, due_ms)
 
     def due_ms(self, record: InputRecord) -> int | None:
-        """When a record of a retry topic is due (epoch ms); None for any other record (at once)."""
-        if record.topic not in self.topics:
+        """When a record of a retry topic is due (epoch ms); None for any other record (at once).
+
+        Never later than the record's timestamp (when it was published) plus its topic's delay, and
+        that when `retry.due` cannot be read: a mangled or skewed header cannot stop a partition for
+        longer than its delay."""
+        delay = self._delay_of.get(record.topic)
+        if delay is None:
             return None
-        return self.state_of(record).due_ms
+        due_ms = self.state_of(record).due_ms
+        if record.timestamp_ms is None:
+            return due_ms
+        latest = record.timestamp_ms + delay
+        return latest if due_ms is None else min(due_ms, latest)
 
     def next_topic(self, state: RetryState, error: ProcessingError) -> tuple[str, int] | None:
         """The retry topic and delay (ms) of the event's next attempt, or None when it is to be

@@ -77,7 +77,7 @@ def test_hop_headers_carry_the_input_headers_and_read_back_as_the_next_attempt()
     ],
     ids=["none", "garbage", "not-text", "out-of-range"],
 )
-def test_a_mangled_retry_record_is_its_last_attempt_due_at_once(headers):
+def test_a_mangled_retry_record_is_its_last_attempt(headers):
     """A retry record whose headers cannot be read never loops: its next failure is dead-lettered."""
     record = retry_record("events-retry-600s", headers)
     state = POLICY.state_of(record)
@@ -85,6 +85,18 @@ def test_a_mangled_retry_record_is_its_last_attempt_due_at_once(headers):
     assert state.origin == Origin("events-retry-600s", 0, 7)  # where it was read, when it names no other
     assert all(isinstance(entry, str) for entry in state.errors)
     assert POLICY.next_topic(state, TRANSIENT) is None
+
+
+def test_a_due_time_is_never_later_than_the_records_timestamp_and_its_delay():
+    """A skewed or forged retry.due cannot stop a retry partition for longer than the topic's delay."""
+    far = [("retry.due", b"99999999999999")]
+    assert POLICY.due_ms(retry_record("events-retry-60s", far)) == 99999999999999  # no timestamp to go by
+    published = InputRecord("events-retry-60s", 0, 7, b"k", b"{}", timestamp_ms=1_000, headers=tuple(far))
+    assert POLICY.due_ms(published) == 61_000
+    early = InputRecord("events-retry-60s", 0, 7, b"k", b"{}", timestamp_ms=1_000, headers=(("retry.due", b"5000"),))
+    assert POLICY.due_ms(early) == 5_000
+    unreadable = InputRecord("events-retry-600s", 0, 7, b"k", b"{}", timestamp_ms=1_000)
+    assert POLICY.due_ms(unreadable) == 601_000
 
 
 def test_retry_headers_on_an_input_record_are_not_read():

@@ -1,7 +1,8 @@
 """The Kafka clients: their configuration beyond Settings, statistics and logs wired in, and errors.
 
 Constructors here make no network call except `fit_to_topic_limits`, which asks the brokers once at
-start for the output topics' record size limits.
+start for the output topics' record size limits, and `ensure_retry_topics`, which creates the retry
+topics RETRY_DELAYS needs once at start.
 """
 
 from __future__ import annotations
@@ -108,6 +109,108 @@ def fit_to_topic_limits(config: dict[str, Any], topics: list[str], timeout: floa
         batch_size,
     )
     return {**config, "batch.size": batch_size}
+
+
+RETRY_TOPICS_WAIT_S = 10.0
+"""How long start-up waits for newly created retry topics to have leaders before it subscribes."""
+
+
+class RetryTopicsMissing(Exception):
+    """A retry topic RETRY_DELAYS needs does not exist, and the brokers refused to create it."""
+
+
+def ensure_retry_topics(settings: Settings, config: dict[str, Any], timeout: float = 10.0) -> None:
+    """Create the retry topics (`Settings.retry_topics`) that do not exist yet, with the input topic's
+    partition count, the brokers' default replication factor and their default retention (which must
+    outlast the longest delay: 7 days unless changed).
+
+    Raises `RetryTopicsMissing` when the brokers say a retry topic is missing and refuse to create it
+    (no CREATE permission on it or the cluster, a creation policy): without it every transient failure
+    would fail to publish and stop the replica, so the service does not start. Where the brokers
+    cannot be asked (down, timed out) or the input topic does not exist yet, a warning is logged and
+    the service goes on. A retry topic with another partition count than the input's is only warned
+    about.
+    """
+    topics = settings.retry_topics()
+    if not topics:
+        return
+    from confluent_kafka.admin import AdminClient
+    from confluent_kafka.cimpl import NewTopic
+
+    config_for_admin = admin_config(config)
+    config_for_admin["logger"] = kafka_client_logger("librdkafka.admin")
+    admin = AdminClient(config_for_admin)
+
+    def partition_counts() -> dict[str, int] | None:
+        """Partition counts of the input and retry topics that exist (all partitions with a leader)."""
+        try:
+            metadata = admin.list_topics(timeout=timeout)
+        except KafkaException as exc:
+            logger.warning("cannot check the retry topics %s exist (%s): going on", topics, exc.args[0])
+            return None
+        counts = {}
+        for name in (settings.input_topic, *topics):
+            topic = metadata.topics.get(name)
+            if topic is not None and topic.error is None and topic.partitions:
+                if all(partition.leader >= 0 for partition in topic.partitions.values()):
+                    counts[name] = len(topic.partitions)
+        return counts
+
+    counts = partition_counts()
+    if counts is None:
+        return
+    input_partitions = counts.get(settings.input_topic)
+    for name in topics:
+        if name in counts and input_partitions is not None and counts[name] != input_partitions:
+            logger.warning(
+                "retry topic %s has %d partitions, the input topic %s %d: fewer limit how many replicas share "
+                "the retries",
+                name,
+                counts[name],
+                settings.input_topic,
+                input_partitions,
+            )
+    missing = [name for name in topics if name not in counts]
+    if not missing:
+        return
+    if input_partitions is None:
+        logger.warning(
+            "retry topics %s are missing and the input topic %s does not exist (or has no leader) yet: not "
+            "created; create them with the input topic (deploy/, docs/delivery.md#retries)",
+            missing,
+            settings.input_topic,
+        )
+        return
+    futures = admin.create_topics(
+        [NewTopic(name, num_partitions=input_partitions, replication_factor=-1) for name in missing],
+        request_timeout=timeout,
+    )
+    refused = []
+    for name, future in futures.items():
+        try:
+            future.result(timeout)
+            logger.info("created retry topic %s with %d partitions", name, input_partitions)
+        except KafkaException as exc:
+            error = exc.args[0]
+            if error.code() == KafkaError.TOPIC_ALREADY_EXISTS:
+                continue
+            if error.retriable() or error.code() in (KafkaError._TIMED_OUT, KafkaError._TRANSPORT):
+                logger.warning("cannot create retry topic %s now (%s): going on", name, error)
+                continue
+            refused.append(f"{name}: {error.str()}")
+    if refused:
+        raise RetryTopicsMissing(
+            f"retry topics for RETRY_DELAYS are missing and cannot be created ({'; '.join(refused)}): create them "
+            f"with {input_partitions} partitions, as deploy/'s topic jobs do (docs/delivery.md#retries), or give "
+            "this service's principal CREATE on them"
+        )
+    deadline = time.monotonic() + RETRY_TOPICS_WAIT_S
+    while time.monotonic() < deadline:
+        counts = partition_counts() or {}
+        if all(name in counts for name in missing):
+            return
+        time.sleep(0.2)
+    logger.warning("retry topics %s created, but without leaders after %.0f s", missing, RETRY_TOPICS_WAIT_S)
 
 
 class KafkaErrors:

@@ -222,6 +222,8 @@ each record it sends (decimal text), and of a dead letter whose input carried it
 MAX_HEADER_CHARS = 512
 """A dead-letter header's value is cut to this many characters (error.message: MAX_MESSAGE_CHARS)."""
 MAX_MESSAGE_CHARS = 2000
+MAX_HISTORY_CHARS = 4096
+"""error.history (and a retry record's retry.errors) at most: consumer/stages/retry.py keeps it a JSON array."""
 
 
 def header_text(text: str, limit: int = MAX_HEADER_CHARS) -> str:
@@ -248,7 +250,17 @@ class DeadLetterHeaders(BaseModel):
     )
     error_message: str = Field(alias="error.message", description="what went wrong and what to fix")
     error_reason: str = Field(alias="error.reason", description="short machine-readable reason")
-    error_attempts: str = Field(alias="error.attempts", description="how many times processing was tried")
+    error_attempts: str = Field(
+        alias="error.attempts",
+        description="how many times processing was tried, retry hops included (RETRY_DELAYS)",
+    )
+    error_history: str | None = Field(
+        None,
+        alias="error.history",
+        description="present when the event went through retry topics (RETRY_DELAYS): every attempt's error, "
+        'oldest first, as a JSON array of "stage/reason: message" strings (each at most 200 characters; past '
+        f"{MAX_HISTORY_CHARS} characters in all, attempts from the middle are left out and one entry says how many)",
+    )
     source_topic: str = Field(alias="source.topic")
     source_partition: str = Field(alias="source.partition")
     source_offset: str = Field(alias="source.offset")
@@ -278,7 +290,8 @@ class DeadLetterHeaders(BaseModel):
     def _producible(cls, value: Any, info: ValidationInfo) -> Any:
         if not isinstance(value, str):
             return value
-        return header_text(value, MAX_MESSAGE_CHARS if info.field_name == "error_message" else MAX_HEADER_CHARS)
+        limits = {"error_message": MAX_MESSAGE_CHARS, "error_history": MAX_HISTORY_CHARS}
+        return header_text(value, limits.get(info.field_name or "", MAX_HEADER_CHARS))
 
     def kafka_headers(self) -> list[tuple[str, str | bytes | None]]:
         """The headers as a Kafka record carries them, in field order; absent optional ones left out."""

@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 # Seconds-long inference needs buckets well past prometheus_client's default 10 s ceiling.
 STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 2400)
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128, 256)
-OUTCOMES = ("ok", "dead_lettered", "retried")
+OUTCOMES = ("ok", "dead_lettered", "retried", "retry_scheduled")
 STAGES = ("fetch", "decode", "prepare", "preprocess", "generate", "publish", "end_to_end")
 GENERATION_HALF_LIFE_BATCHES = 8
 """How fast the recent seconds per event forget: a batch counts half as much after this many newer
@@ -46,7 +46,11 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.events = Counter(
-            "diagram_events", "Input events handled, by outcome (ok, dead_lettered, retried)", ["outcome"], registry=r
+            "diagram_events",
+            "Input events handled, by outcome: ok, dead_lettered, retried (an in-process fetch retry), "
+            "retry_scheduled (a hop to a retry topic, RETRY_DELAYS)",
+            ["outcome"],
+            registry=r,
         )
         self.failures = Counter(
             "diagram_event_failures", "Events that failed, by stage and reason", ["stage", "reason"], registry=r
@@ -65,6 +69,11 @@ class Metrics:
         self.in_flight = Gauge("diagram_in_flight_events", "Events polled but not yet published", registry=r)
         self.paused_partitions = Gauge(
             "diagram_paused_partitions", "Assigned partitions paused because the in-flight window is full", registry=r
+        )
+        self.waiting_partitions = Gauge(
+            "diagram_waiting_partitions",
+            "Retry-topic partitions paused until their next record is due (RETRY_DELAYS)",
+            registry=r,
         )
         self.assigned_partitions = Gauge(
             "diagram_assigned_partitions", "Partitions assigned to this member", registry=r
@@ -135,6 +144,8 @@ class Metrics:
         for stage in STAGES:
             self.stage_seconds.labels(stage)
         self._lag_series: set[tuple[str, str]] = set()
+        self.deferred_topics: frozenset[str] = frozenset()
+        """Topics whose lag is not queued work: the retry topics, whose records wait for their due time."""
         # Written by the statistics callback (poll loop) and the inference thread, read at scrape time.
         self._work_lock = threading.Lock()
         self._queued_events = 0
@@ -175,6 +186,8 @@ class Metrics:
         partitions that went elsewhere are removed, so a sum over replicas never counts one twice. For
         the queued work, a partition with nothing committed yet counts from its low watermark, where
         auto.offset.reset=earliest starts it: a new group's backlog is work before its first commit.
+        The lag of `deferred_topics` (the retry topics) is reported but not counted as queued work: their
+        records wait for a due time up to RETRY_DELAYS away, and more replicas would not make them due.
         """
         current: set[tuple[str, str]] = set()
         queued_events = 0
@@ -185,11 +198,13 @@ class Metrics:
                 lag = partition_stats.get("consumer_lag", -1)
                 if lag < 0:
                     # Nothing committed yet, or the end offset is not known yet: no lag series.
-                    queued_events += _uncommitted_backlog(partition_stats)
+                    if topic not in self.deferred_topics:
+                        queued_events += _uncommitted_backlog(partition_stats)
                     continue
                 self.consumer_lag.labels(topic, partition).set(lag)
                 current.add((topic, partition))
-                queued_events += lag
+                if topic not in self.deferred_topics:
+                    queued_events += lag
         for series in self._lag_series - current:
             try:
                 self.consumer_lag.remove(*series)

@@ -26,6 +26,8 @@ from consumer.clients import (
     ConsumerFactory,
     KafkaErrors,
     ProducerFactory,
+    RetryTopicsMissing,
+    ensure_retry_topics,
     fit_to_topic_limits,
     producer_config,
 )
@@ -94,7 +96,9 @@ class Pipeline:
     def _build(self) -> None:
         settings = self.settings
         errors = KafkaErrors(self.state, self.latch)
-        topics = [settings.output_topic, settings.dlq_topic]
+        ensure_retry_topics(settings, producer_config(settings))
+        self.metrics.deferred_topics = frozenset(settings.retry_topics())
+        topics = [settings.output_topic, settings.dlq_topic, *settings.retry_topics()]
         topics += [settings.result_cache_topic] if settings.result_cache_topic else []
         config = fit_to_topic_limits(producer_config(settings), topics)
         self.producer = self._producer_factory({**config, "error_cb": errors})
@@ -147,18 +151,23 @@ class Pipeline:
 
     def run(self) -> int:
         """Consume until stopped. Returns the exit status (ExitCode.CLEAN after a clean shutdown)."""
-        self._build()
+        try:
+            self._build()
+        except RetryTopicsMissing as exc:
+            logger.error("cannot start: %s", exc)
+            return ExitCode.FAILED
         try:
             self.delivery.start(self._stop)
             self.infer.start()
-            self.intake.subscribe(self.settings.input_topic)
+            self.intake.subscribe(self.settings.input_topic, *self.settings.retry_topics())
             logger.info(
-                "consuming %s as group %s -> results %s, dead letters %s (%s)",
+                "consuming %s as group %s -> results %s, dead letters %s (%s)%s",
                 self.settings.input_topic,
                 self.settings.kafka_group_id,
                 self.settings.output_topic,
                 self.settings.dlq_topic,
                 self.settings.processing_guarantee,
+                f", retries through {self.settings.retry_topics()}" if self.settings.retry_delays else "",
             )
             while not self._stop.is_set() and not self.latch.tripped():
                 self.intake.poll_once()

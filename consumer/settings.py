@@ -9,6 +9,7 @@ clusters need no code change.
 from __future__ import annotations
 
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping
@@ -31,6 +32,24 @@ _OWN_KAFKA_FIELDS = {"KAFKA_BOOTSTRAP_SERVERS", "KAFKA_GROUP_ID"}
 
 SERVICE_NAME = "diagram-consumer"
 """How the service names itself to the brokers: the first part of every client.id it derives."""
+
+
+MAX_RETRY_DELAYS = 16
+"""RETRY_DELAYS holds at most this many delays (each one is a topic, and a line of every dead letter's
+error.history)."""
+MAX_RETRY_DELAY_MS = 7 * 24 * 3600 * 1000
+"""The longest retry delay: a week, Kafka's default retention; a record must outlive its wait."""
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$", re.IGNORECASE)
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+
+
+def parse_duration_ms(text: str) -> int:
+    """`1m`, `10m`, `1h`, `90s`, `250ms`, `2d` or a bare number of seconds, as whole milliseconds."""
+    match = _DURATION.match(text)
+    if match is None:
+        raise ValueError(f"not a duration: {text.strip()!r} (a number with ms, s, m, h or d)")
+    number, unit = match.groups()
+    return round(float(number) * _UNIT_MS[(unit or "s").lower()])
 
 
 class Settings(BaseSettings):
@@ -104,6 +123,13 @@ class Settings(BaseSettings):
     kafka_extra: dict[str, str] = Field(default_factory=dict)
     """Other librdkafka properties, collected from KAFKA_<NAME> variables by `from_environ`."""
 
+    retry_delays: Annotated[tuple[int, ...], NoDecode] = ()
+    """RETRY_DELAYS: how long a transiently failed event waits before each further attempt, as
+    comma-separated durations (`1m,10m,1h`; units ms, s, m, h, d; a bare number is seconds), kept here
+    in milliseconds. Each delay has its own retry topic (`retry_topic`). Empty (the default): transient
+    fetch failures are retried in-process (3 attempts) and then dead-lettered, as before; set: one
+    attempt in-process, then the event hops through the retry topics (consumer/stages/retry.py)."""
+
     propagate_headers: str = ""
     """Input headers copied onto results and dead letters besides W3C trace context (traceparent,
     tracestate, baggage): comma-separated names or globs, case-insensitive (`x-tenant,x-request-*`)."""
@@ -159,6 +185,23 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return frozenset(host.strip().lower() for host in value.split(",") if host.strip())
         return value
+
+    @field_validator("retry_delays", mode="before")
+    @classmethod
+    def _parse_delays(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(parse_duration_ms(part) for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("retry_delays")
+    @classmethod
+    def _bounded_delays(cls, delays: tuple[int, ...]) -> tuple[int, ...]:
+        if len(delays) > MAX_RETRY_DELAYS:
+            raise ValueError(f"at most {MAX_RETRY_DELAYS} delays, got {len(delays)}")
+        for delay in delays:
+            if not 1 <= delay <= MAX_RETRY_DELAY_MS:
+                raise ValueError(f"each delay must be between 1 ms and 7 days, got {delay} ms")
+        return delays
 
     @field_validator("quantization", mode="before")
     @classmethod
@@ -252,6 +295,17 @@ class Settings(BaseSettings):
             "compression.type": "zstd",
             **self.kafka_extra,
         }
+
+    def retry_topic(self, delay_ms: int) -> str:
+        """The retry topic of one of RETRY_DELAYS: `<INPUT_TOPIC>-retry-<delay>`, the delay in whole
+        seconds (`diagram-events-retry-600s`), or in milliseconds when it is not a whole number of
+        seconds (`diagram-events-retry-250ms`)."""
+        suffix = f"{delay_ms // 1000}s" if delay_ms % 1000 == 0 else f"{delay_ms}ms"
+        return f"{self.input_topic}-retry-{suffix}"
+
+    def retry_topics(self) -> list[str]:
+        """Every retry topic, one per distinct delay, in the order of RETRY_DELAYS."""
+        return list(dict.fromkeys(self.retry_topic(delay) for delay in self.retry_delays))
 
     def propagate_header_patterns(self) -> list[str]:
         return [name.strip().lower() for name in self.propagate_headers.split(",") if name.strip()]

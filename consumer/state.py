@@ -28,6 +28,9 @@ class ServiceState:
     last_poll: float = 0.0
     assigned: list[str] = field(default_factory=list)
     paused: list[str] = field(default_factory=list)
+    """Partitions paused because the in-flight window is full."""
+    waiting: list[str] = field(default_factory=list)
+    """Retry-topic partitions paused until their next record is due."""
     stopping: bool = False
 
     def is_ready(self) -> bool:

@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 import zlib
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -247,6 +247,10 @@ class FakeConsumer:
             log[partition].append(record)
             self._arrived.notify_all()
             return len(log[partition]) - 1
+
+    def record_at(self, tp: TopicPartitionKey, offset: int) -> StoredRecord:
+        with self._lock:
+            return self._logs[tp[0]][tp[1]][offset]
 
     def end_offset(self, tp: TopicPartitionKey) -> int:
         with self._lock:
@@ -577,7 +581,7 @@ class FakeProducer:
 
     Test controls: `hold` (records not yet acknowledged), `delivery_error` (fail a record's delivery),
     `fail_next(method, error)` (the next call of a method raises; a fatal KafkaError makes every later
-    transactional call raise it too, as librdkafka does after fencing).
+    transactional call raise it too, as librdkafka does after fencing), `mirror` (see `loop_back`).
     """
 
     def __init__(
@@ -603,6 +607,9 @@ class FakeProducer:
         self.hold: Callable[[Message], bool] | None = None
         """Records for which this returns True stay unacknowledged (in flight) until it no longer does."""
         self.delivery_error: Callable[[Message], KafkaError | None] | None = None
+        self.mirror: Callable[[Message], None] | None = None
+        """Called with each record once a read_committed reader would see it (acknowledged; in a
+        transaction, committed), before its delivery callback and outside the producer's lock."""
         """The error a record's delivery fails with (None: delivered), after the topic limit check."""
         self._pending: list[_Pending] = []
         self._next_offsets: dict[TopicPartitionKey, int] = {}
@@ -760,6 +767,9 @@ class FakeProducer:
                 self._transaction = None
                 self.records.extend(transaction.records)
                 self.group_offsets.update(transaction.offsets)
+            if self.mirror is not None:
+                for message in transaction.records:
+                    self.mirror(message)
 
     def abort_transaction(self, timeout: float | None = None) -> None:
         self._transactional_call("abort_transaction")
@@ -844,6 +854,8 @@ class FakeProducer:
                     outcomes = [(pending, self._delivery_outcome(pending)) for pending in ready]
                 for pending, error in outcomes:
                     served += 1
+                    if error is None and pending.transaction is None and self.mirror is not None:
+                        self.mirror(pending.message)
                     message = pending.message if error is None else _with_error(pending.message, error)
                     if pending.on_delivery is not None:
                         pending.on_delivery(error, message)
@@ -877,6 +889,62 @@ def _with_error(message: Message, error: KafkaError) -> Message:
         headers=message.headers(),
         error=error,
     )
+
+
+def loop_back(producer: FakeProducer, consumer: FakeConsumer, topics: Iterable[str]) -> None:
+    """Records `producer` publishes to `topics` (the retry topics) appear in `consumer`'s partitions of
+    the same number, as a broker serves what one client writes to another that reads the topic. Give
+    both the same partition counts for those topics."""
+    looped = set(topics)
+
+    def append(message: Message) -> None:
+        topic = str(message.topic())
+        if topic in looped:
+            headers = [(name, value) for name, value in message.headers() or []]
+            _, timestamp = message.timestamp()
+            consumer.append(topic, int(message.partition() or 0), message.value(), message.key(), headers, timestamp)
+
+    producer.mirror = append
+
+
+@dataclass
+class Settlement:
+    """What the published records say about each event, by its original input (topic, partition, offset):
+    how many results and dead letters it has, and the highest attempt a retry hop of it was for."""
+
+    finals: Counter[tuple[str, int, int]] = field(default_factory=Counter)
+    hops: dict[tuple[str, int, int], int] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, records: Iterable[Message], output_topic: str, dlq_topic: str) -> Settlement:
+        settlement = cls()
+        for message in records:
+            headers = {name: (value or b"").decode("utf-8", "replace") for name, value in message.headers() or []}
+            if message.topic() == output_topic:
+                source = json.loads(message.value() or b"{}")["metadata"]["source"]
+                settlement.finals[(source["topic"], source["partition"], source["offset"])] += 1
+            elif message.topic() == dlq_topic:
+                origin = (headers["source.topic"], int(headers["source.partition"]), int(headers["source.offset"]))
+                settlement.finals[origin] += 1
+            elif "retry.origin" in headers:
+                topic, partition, offset = headers["retry.origin"].split("/")
+                key = (topic, int(partition), int(offset))
+                settlement.hops[key] = max(settlement.hops.get(key, 0), int(headers["retry.attempt"]))
+        return settlement
+
+    def settles(self, consumer: FakeConsumer, tp: TopicPartitionKey, offset: int, input_topic: str) -> bool:
+        """Whether the record at `tp`@`offset` (of the input or a retry topic) has gone on: its event has
+        a result or dead letter, or a hop to a later attempt than this record's was published."""
+        if tp[0] == input_topic:
+            origin, attempt = (tp[0], tp[1], offset), 1
+        else:
+            headers = {
+                name: (value or b"").decode("utf-8", "replace")
+                for name, value in consumer.record_at(tp, offset).headers or []
+            }
+            topic, partition, at = headers["retry.origin"].split("/")
+            origin, attempt = (topic, int(partition), int(at)), int(headers["retry.attempt"])
+        return self.finals[origin] > 0 or self.hops.get(origin, 0) > attempt
 
 
 # -- images and the model -----------------------------------------------------------------------------

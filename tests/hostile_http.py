@@ -2,6 +2,7 @@
 
 Routes (GET; a query string is ignored, but recorded in `server.requests`):
   /img/<name>          bytes from `server.files[name]`, with Content-Length
+  /flaky/<name>        503 for the first `server.failures[name]` requests of it, then as /img/<name>
   /redirect/<name>     302 to `server.redirects[name]`
   /loop                302 to itself, forever
   /status/<code>       that status, empty body
@@ -38,6 +39,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         self.server.requests.append((self.path, self.headers.get("Host", "")))
+        self.server.times.append((self.path, time.time()))
         route, _, arg = self.path.lstrip("/").partition("?")[0].partition("/")  # a query is not routed on
         try:
             getattr(self, "route_" + route.replace("-", "_"), self.route_missing)(arg)
@@ -60,6 +62,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if body is None:
             return self.route_missing(name)
         self._send(200, body, {"Content-Type": "image/png"})
+
+    def route_flaky(self, name: str) -> None:
+        with self.server.lock:
+            failing = self.server.failures.get(name, 0) > 0
+            if failing:
+                self.server.failures[name] -= 1
+        if failing:
+            return self._send(503, b"unavailable")
+        self.route_img(name)
 
     def route_redirect(self, name: str) -> None:
         self._send(302, headers={"Location": self.server.redirects[name]})
@@ -144,6 +155,11 @@ class HostileServer(http.server.ThreadingHTTPServer):
         self.files: dict[str, bytes] = {}
         self.redirects: dict[str, str] = {}
         self.requests: list[tuple[str, str]] = []
+        self.times: list[tuple[str, float]] = []
+        """(path, time.time()) of each request, in order."""
+        self.failures: dict[str, int] = {}
+        """/flaky/<name>: how many more requests of it answer 503."""
+        self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.gzip_bomb = gzip.compress(bytes(64 * 1024 * 1024), compresslevel=9)
         self.scheme = "http"

@@ -183,8 +183,9 @@ class OutgoingRecord:
     source: InputRecord
     epoch: int
     outcome: str
-    """"ok" or "dead_lettered": the label of diagram_events_total; or "cache", a result cache entry
-    published beside its result, which settles nothing (`settles_input`)."""
+    """"ok", "dead_lettered" or "retry_scheduled" (a hop to a retry topic): the label of
+    diagram_events_total; or "cache", a result cache entry published beside its result, which settles
+    nothing (`settles_input`)."""
     event_id: str | None = None
     log_fields: dict[str, Any] = field(default_factory=dict)
     """What the per-event log line reports besides the source (timings, tokens, batch size)."""

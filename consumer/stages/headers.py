@@ -4,8 +4,8 @@
   PROPAGATE_HEADERS (comma-separated names or globs, case-insensitive) are copied unchanged onto the
   result and the dead letter, so a trace that began upstream goes on past this service. A header
   larger than MAX_PROPAGATED_HEADER_BYTES is dropped, and `propagation.dropped` names it. Names this
-  service writes itself (`error.*`, `source.*`, `event.id`, `replay.count`, `propagation.*`, `ce_*`)
-  are never copied from the input. With tracing on (consumer/tracing.py), `traceparent` and
+  service writes itself (`error.*`, `source.*`, `retry.*`, `event.id`, `replay.count`, `propagation.*`,
+  `ce_*`) are never copied from the input. With tracing on (consumer/tracing/), `traceparent` and
   `tracestate` are the event span's instead of the input's.
 - CloudEvents, Kafka protocol binding, binary mode: an input with `ce_specversion` is a CloudEvent,
   and its result is a CloudEvent of its own: `ce_specversion` 1.0, a new `ce_id`, `ce_type`
@@ -34,7 +34,7 @@ MAX_PROPAGATED_HEADER_BYTES = 8192
 MAX_PROPAGATED_HEADERS = 32
 """More matching headers than this are dropped (and named in `propagation.dropped`)."""
 DROPPED = "propagation.dropped"
-_OWN_PREFIXES = ("error.", "source.", "propagation.", "ce_")
+_OWN_PREFIXES = ("error.", "source.", "retry.", "propagation.", "ce_")
 _OWN_NAMES = {"event.id", "replay.count", "content-type"}
 CE_PREFIX = "ce_"
 CE_SPECVERSION = "ce_specversion"

@@ -7,6 +7,14 @@ acknowledgement that frees a slot). If the window is still full PAUSE_AFTER_S la
 assigned partition and goes on polling, so a long batch never costs a rebalance: librdkafka drops
 prefetched records on pause() and fetches again about a second after resume(), and pausing at once
 capped an ENGINE=echo replica near 135 events/s (bench/pipeline.py).
+
+Records of the retry topics (RETRY_DELAYS, consumer/stages/retry.py) wait for their due time without
+holding a slot or blocking any other partition: a record polled before it is due is kept here, its
+partition paused, and it goes on once due (then the partition is resumed, and librdkafka fetches again
+from the record after it). Its offset is not tracked meanwhile, so no commit passes it. A retry topic's
+records share one delay, so they come due in offset order and the first one not due stops its
+partition. The two kinds of pause compose: a partition paused for a due time is not resumed when the
+window frees, and one paused for the window is not resumed when its record comes due.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from consumer.metrics import Metrics
 from consumer.offsets import OffsetTracker, TopicPartitionKey
 from consumer.settings import Settings
 from consumer.stages.base import FatalLatch, InputRecord, MessageRejected, Stage
+from consumer.stages.retry import RetryPolicy
 from consumer.state import ServiceState
 
 logger = logging.getLogger(__name__)
@@ -67,9 +76,16 @@ class Intake:
         """Records the next stage refused, with their partition's epoch when they were polled."""
         self._paused: set[TopicPartitionKey] | None = None  # None: flowing; a set: the window is full
         self._full_since: float | None = None  # when the next stage first refused a record
+        self.retries = RetryPolicy(settings)
+        self._waiting: dict[TopicPartitionKey, deque[tuple[InputRecord, int | None]]] = {}
+        """Retry records polled before they are due, per partition (paused until the first is due), with
+        their partition's epoch when they were polled."""
 
-    def subscribe(self, topic: str) -> None:
-        self.consumer.subscribe([topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost)
+    def subscribe(self, topic: str, *more: str) -> None:
+        """Subscribe to `topic` and `more` (the input topic and its retry topics) in one group."""
+        self.consumer.subscribe(
+            [topic, *more], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+        )
 
     # -- the loop ----------------------------------------------------------------------------------
     def poll_once(self) -> None:
@@ -88,7 +104,10 @@ class Intake:
                 self._on_message_error(error)
             else:
                 record = InputRecord.from_message(message)
-                self._held.append((record, self.tracker.epoch_of(record.tp)))
+                epoch = self.tracker.epoch_of(record.tp)
+                if not self._wait_if_early(record, epoch):
+                    self._held.append((record, epoch))
+        self._release_due()
         self._offer()
         self._flow_control()
 
@@ -111,6 +130,51 @@ class Intake:
             self._held.popleft()
         self._full_since = None
 
+    # -- retry records waiting for their due time ----------------------------------------------------
+    def _wait_if_early(self, record: InputRecord, epoch: int | None) -> bool:
+        """Keep `record` if it is a retry record not due yet, or its partition already has one waiting
+        (it must not overtake it); the partition is paused until then. False: it may go on now."""
+        waiting = self._waiting.get(record.tp)
+        if waiting is None:
+            due_ms = self.retries.due_ms(record)
+            if due_ms is None or due_ms <= time.time() * 1000:
+                return False
+            # librdkafka drops what it prefetched for a paused partition and, once resumed, fetches from
+            # the record after the last one returned: this one is kept here until it is due.
+            self.consumer.pause([TopicPartition(record.topic, record.partition)])
+            waiting = self._waiting[record.tp] = deque()
+            logger.info("%s is due in %.1f s: its partition waits, paused", record, due_ms / 1000 - time.time())
+            self._report_waiting()
+        waiting.append((record, epoch))
+        return True
+
+    def _release_due(self) -> None:
+        """Hand on the waiting records that are due, in order; resume a partition none waits on any more
+        (unless the window keeps it paused). Records of a partition revoked or rewound since are dropped:
+        they will be read again."""
+        if not self._waiting:
+            return
+        now_ms = time.time() * 1000
+        for tp, waiting in list(self._waiting.items()):
+            while waiting:
+                record, epoch = waiting[0]
+                if self.tracker.epoch_of(tp) != epoch:
+                    waiting.popleft()
+                    continue
+                due_ms = self.retries.due_ms(record)
+                if due_ms is not None and due_ms > now_ms:
+                    break
+                self._held.append(waiting.popleft())
+            if not waiting:
+                del self._waiting[tp]
+                if self._paused is None or tp not in self._paused:
+                    self.consumer.resume([TopicPartition(tp[0], tp[1])])
+                self._report_waiting()
+
+    def _report_waiting(self) -> None:
+        self.state.waiting = sorted(f"{t}[{p}]" for t, p in self._waiting)
+        self.metrics.waiting_partitions.set(len(self._waiting))
+
     def _on_message_error(self, error: KafkaError) -> None:
         if error.code() == KafkaError._PARTITION_EOF:
             return
@@ -127,7 +191,9 @@ class Intake:
                 self.pause_all()  # partitions assigned while the window is full wait too
             return
         if self._paused is not None and not self.state.stopping and in_flight <= self.settings.max_in_flight // 2:
-            self.consumer.resume([TopicPartition(t, p) for t, p in self._paused])
+            flowing = self._paused - set(self._waiting)  # those waiting for a due time stay paused
+            if flowing:
+                self.consumer.resume([TopicPartition(t, p) for t, p in flowing])
             self._paused = None
             self.state.paused = []
             self.metrics.paused_partitions.set(0)
@@ -182,12 +248,17 @@ class Intake:
                 self.tracker.revoke(tp)
 
     def _release_paused(self, consumer: Consumer, tps: list[TopicPartitionKey]) -> None:
-        """Resume partitions that leave while paused: the pause would outlive the assignment."""
-        if self._paused is None:
-            return
-        leaving = self._paused & set(tps)
+        """Resume partitions that leave while paused: the pause would outlive the assignment. Their
+        waiting retry records are dropped: the partition's next owner reads them again."""
+        waiting = set(self._waiting) & set(tps)
+        for tp in waiting:
+            del self._waiting[tp]
+        if waiting:
+            self._report_waiting()
+        leaving = waiting | (self._paused & set(tps) if self._paused is not None else set())
         if leaving:
             consumer.resume([TopicPartition(t, p) for t, p in leaving])
+        if self._paused is not None:
             self._paused -= leaving
 
     def _refresh_assignment(

@@ -8,6 +8,11 @@ refused by the producer): a result becomes a dead letter (`publish`), and a dead
 by step until it fits: its value left out (header `error.value_omitted`), then its key replaced by the
 key's SHA-256 (header `error.key_hashed`). Dead-letter headers are always valid UTF-8 and bounded
 (`events.DeadLetterHeaders`), so the last step always fits a topic that accepts a few kilobytes.
+
+With RETRY_DELAYS set, a transient failure becomes a retry hop instead: the input again, on the next
+retry topic (consumer/stages/retry.py), until the last delay has passed; then the dead letter lists
+every attempt's error. A result or dead letter of an event that came through the retry topics names
+the original input as its source.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from consumer.stages.base import (
     Stage,
 )
 from consumer.stages.headers import cloud_event_of, propagated, result_cloud_event
+from consumer.stages.retry import RetryPolicy, error_entry, history_json
 from consumer.tracing import NO_TRACING, Tracing
 
 logger = logging.getLogger(__name__)
@@ -69,13 +75,14 @@ class Records:
         self.settings, self.engine, self.metrics, self.next = settings, engine, metrics, next_stage
         self.tracing = tracing
         self._on_settled = tracing.settled if tracing.enabled else None
+        self.retries = RetryPolicy(settings)
 
     def submit(self, outcomes: list[Outcome]) -> None:
         records = []
         for outcome in outcomes:
             if isinstance(outcome, Failed):
                 item = outcome.item
-                records.append(self.dead_letter(item.record, item.epoch, outcome.error, item.event_id))
+                records.append(self.failed(item.record, item.epoch, outcome.error, item.event_id))
             else:
                 try:
                     records.append(self.result(outcome))
@@ -106,6 +113,7 @@ class Records:
     def result(self, described: Described) -> OutgoingRecord:
         item, info = described.item, self.engine
         source = item.record
+        origin = self.retries.state_of(source).origin
         assert item.event is not None
         result = DiagramResult(
             **description_fields(described.generation.text),
@@ -119,7 +127,7 @@ class Records:
                 device=info.device,
                 output_tokens=described.generation.output_tokens,
                 batch_size=described.batch_size,
-                source=Source(topic=source.topic, partition=source.partition, offset=source.offset),
+                source=Source(topic=origin.topic, partition=origin.partition, offset=origin.offset),
                 content_hash=described.loaded.content_hash,
                 result_key=described.result_key,
                 cache=described.cache,
@@ -178,20 +186,75 @@ class Records:
             event_id=item.event_id,
         )
 
+    # -- retries -----------------------------------------------------------------------------------
+    def failed(self, source: InputRecord, epoch: int, error: ProcessingError, event_id: str | None) -> OutgoingRecord:
+        """A failed event's record: a retry hop while its failure is transient and a delay is left,
+        else its dead letter."""
+        state = self.retries.state_of(source)
+        hop = self.retries.next_topic(state, error)
+        if hop is None:
+            return self.dead_letter(source, epoch, error, event_id)
+        topic, delay_ms = hop
+
+        def unpublishable(why: str) -> OutgoingRecord:
+            logger.warning(
+                "cannot publish the retry of id=%s %s to %s (%s): dead-lettering it", event_id, source, topic, why
+            )
+            return self.dead_letter(source, epoch, error, event_id)
+
+        logger.info(
+            "retrying id=%s %s in %.3g s on %s after attempt %d of %d: %s failed (%s): %s",
+            event_id,
+            source,
+            delay_ms / 1000,
+            topic,
+            state.attempt,
+            self.retries.attempts,
+            error.stage,
+            error.reason,
+            error.message[:200],
+            extra=event_fields(
+                event_id,
+                source.topic,
+                source.partition,
+                source.offset,
+                "retry_scheduled",
+                stage=error.stage,
+                reason=error.reason,
+                attempt=state.attempt,
+                retry_topic=topic,
+            ),
+        )
+        return OutgoingRecord(
+            topic=topic,
+            key=source.key,
+            value=source.value,
+            headers=self.retries.hop_headers(source, state, error, delay_ms),
+            source=source,
+            epoch=epoch,
+            outcome="retry_scheduled",
+            event_id=event_id,
+            fallback=unpublishable,
+        )
+
     # -- dead letters ------------------------------------------------------------------------------
     def dead_letter(
         self, source: InputRecord, epoch: int, error: ProcessingError, event_id: str | None
     ) -> OutgoingRecord:
+        state = self.retries.state_of(source)
+        origin = state.origin
         headers = DeadLetterHeaders.model_validate(
             {
                 "error.stage": error.stage,
                 "error.class": error.error_class,
                 "error.message": error.message,
                 "error.reason": error.reason,
-                "error.attempts": str(error.attempts),
-                "source.topic": source.topic,
-                "source.partition": str(source.partition),
-                "source.offset": str(source.offset),
+                "error.attempts": str(state.attempt - 1 + error.attempts),
+                # After retry hops: every attempt's error, and the input the event first came from.
+                "error.history": history_json([*state.errors, error_entry(error)]) if state.attempt > 1 else None,
+                "source.topic": origin.topic,
+                "source.partition": str(origin.partition),
+                "source.offset": str(origin.offset),
                 "event.id": event_id,
                 REPLAY_COUNT_HEADER: replay_count(source),
             }

@@ -4,7 +4,8 @@
 unpublished (the window intake pauses on). A record that is not a valid event goes on as a failure, to
 be dead-lettered; a valid one goes on at once with its image as a future, so the inference stage can
 batch it while the image is still being fetched. Transient fetch failures (timeouts, 5xx and 429
-answers, connection resets) are tried up to FETCH_ATTEMPTS times with backoff. Whatever goes wrong
+answers, connection resets) are tried up to FETCH_ATTEMPTS times with backoff, or once when RETRY_DELAYS
+is set (the event then hops through the retry topics instead: consumer/stages/retry.py). Whatever goes wrong
 with one event, foreseen or not, ends as a `ProcessingError` of the stage it happened in (parse,
 fetch, decode, prepare), never as an exception that would stop the replica. Work queued for a
 partition that has been revoked (or rewound) since is skipped when its turn comes.
@@ -30,6 +31,7 @@ from consumer.tracing import NO_TRACING, Tracing
 logger = logging.getLogger(__name__)
 
 FETCH_ATTEMPTS = 3
+"""In-process attempts of a transiently failing fetch without RETRY_DELAYS; with it, one."""
 FETCH_BACKOFF_S = 0.5
 
 
@@ -48,6 +50,7 @@ class Resolve:
         self.generator, self.metrics, self.next = generator, metrics, next_stage
         self.tracing = tracing
         self._pool = ThreadPoolExecutor(settings.fetch_workers, thread_name_prefix="fetch")
+        self.fetch_attempts = 1 if settings.retry_delays else FETCH_ATTEMPTS
 
     def submit(self, record: InputRecord) -> None:
         size = len(record.key or b"") + len(record.value or b"")
@@ -101,7 +104,7 @@ class Resolve:
         return loaded.with_prepared(prepared)
 
     def _fetch(self, event: DiagramEvent, record: InputRecord, epoch: int) -> bytes:
-        for attempt in range(1, FETCH_ATTEMPTS + 1):
+        for attempt in range(1, self.fetch_attempts + 1):
             if not self.tracker.is_current(record.tp, epoch):
                 raise CancelledError  # revoked or rewound while queued: the new owner reads it again
             started = time.perf_counter()
@@ -109,7 +112,7 @@ class Resolve:
                 data = self.resolver.fetch(event.image)
             except FetchError as error:
                 error.attempts = attempt
-                if not error.retryable or attempt == FETCH_ATTEMPTS:
+                if not error.retryable or attempt == self.fetch_attempts:
                     raise
                 self.metrics.events.labels("retried").inc()
                 logger.info("retrying fetch for id=%s after %s (attempt %d)", event.id, error.message, attempt)

@@ -41,6 +41,11 @@ _HEALTH = {
         "broker_ok": {"type": "boolean"},
         "assigned_partitions": {"type": "array", "items": {"type": "string"}},
         "paused_partitions": {"type": "array", "items": {"type": "string"}},
+        "waiting_partitions": {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "retry-topic partitions paused until their next record is due (RETRY_DELAYS)",
+        },
         "last_poll_age_seconds": {"type": ["number", "null"]},
     },
     "required": ["status", "model_loaded", "processor_loaded", "device", "model_load_time"],

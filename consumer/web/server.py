@@ -66,6 +66,7 @@ def build_app(settings: Settings, state: ServiceState, metrics: Metrics) -> web.
             "broker_ok": state.broker_ok,
             "assigned_partitions": state.assigned,
             "paused_partitions": state.paused,
+            "waiting_partitions": state.waiting,
             "last_poll_age_seconds": round(age, 3) if age is not None else None,
         }
 

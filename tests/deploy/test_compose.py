@@ -1,6 +1,7 @@
 """docker-compose.yml, as the compose CLI resolves it (no Docker engine here, so nothing is started):
 every service has what it needs, the consumer's settings are real, its port, probes and scrape target
-agree with the side server, and the topics job creates the topics the consumer reads and writes."""
+agree with the side server, and the topics job creates the topics the consumer reads and writes (its
+retry topics included, named in sh as the service names them)."""
 
 from __future__ import annotations
 
@@ -156,24 +157,22 @@ def test_grafana_gets_the_datasource_and_the_dashboard(compose):
     assert home in dashboards
 
 
-def test_topics_job_creates_the_consumers_topics_with_the_intended_partitions(compose, tmp_path):
+def run_topics_job(job: dict, workdir: Path, **overrides: str) -> tuple[dict[str, int], dict[str, list[str]]]:
     """Runs the job's own shell script, with a stand-in for kafka-topics.sh that records its arguments
-    (there is no Kafka CLI here); the broker side of `--create` is Kafka's, not ours."""
-    job = compose["services"]["topics"]
-    assert job["image"] == compose["services"]["kafka"]["image"]
-    assert job["depends_on"]["kafka"]["condition"] == "service_healthy"
-    assert job["entrypoint"][:1] == ["/bin/sh"]
+    (there is no Kafka CLI here; the broker side of `--create` is Kafka's, not ours); returns the topics
+    it creates with their partition counts."""
     script = job["command"][0] if isinstance(job["command"], list) else job["command"]
     script = script.replace("$$", "$")  # compose's escape for a literal $
-    calls = tmp_path / "calls"
-    recorder = tmp_path / "kafka-topics.sh"
+    calls = workdir / "calls"
+    calls.unlink(missing_ok=True)
+    recorder = workdir / "kafka-topics.sh"
     recorder.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> {calls}\n')
     recorder.chmod(0o755)
     script = script.replace("/opt/kafka/bin/kafka-topics.sh", str(recorder))
-    env = {"PATH": os.environ["PATH"], **{k: str(v) for k, v in environment(job).items()}}
+    env = {"PATH": os.environ["PATH"], **{k: str(v) for k, v in environment(job).items()}, **overrides}
     subprocess.run([*job["entrypoint"], script], env=env, check=True, timeout=30)
-
-    created, configs = {}, {}
+    created: dict[str, int] = {}
+    configs: dict[str, list[str]] = {}
     for call in calls.read_text().splitlines():
         if "--create" in call.split():
             words = call.split()
@@ -181,19 +180,38 @@ def test_topics_job_creates_the_consumers_topics_with_the_intended_partitions(co
             topic = words[words.index("--topic") + 1]
             created[topic] = int(words[words.index("--partitions") + 1])
             configs[topic] = [words[i + 1] for i, word in enumerate(words) if word == "--config"]
+    return created, configs
+
+
+def test_topics_job_creates_the_consumers_topics_with_the_intended_partitions(compose, tmp_path):
+    job = compose["services"]["topics"]
+    assert job["image"] == compose["services"]["kafka"]["image"]
+    assert job["depends_on"]["kafka"]["condition"] == "service_healthy"
+    assert job["entrypoint"][:1] == ["/bin/sh"]
+    created, configs = run_topics_job(job, tmp_path)
     consumer = settings_for(environment(compose["services"][CONSUMERS["cpu"]]))
+    retry_topics = consumer.retry_topics()
+    assert retry_topics, "the stack runs with RETRY_DELAYS, and the job creates its topics"
     assert consumer.result_cache_topic is not None
     assert set(created) == {
-        consumer.input_topic,
-        consumer.output_topic,
-        consumer.dlq_topic,
-        consumer.result_cache_topic,
-    }
+        consumer.input_topic, consumer.output_topic, consumer.dlq_topic, consumer.result_cache_topic, *retry_topics
+    }  # fmt: skip
+    assert all(created[topic] == created[consumer.input_topic] for topic in retry_topics)
     # The result cache keeps one entry per key, and never loses one to retention.
     assert configs[consumer.result_cache_topic] == ["cleanup.policy=compact"]
+
     # The input topic's partitions are the most replicas that can share the work: KEDA's cap.
     scaled = next(d for d in kustomize_build(K8S_DIR / "overlays" / "gpu") if d["kind"] == "ScaledObject")
     assert created[consumer.input_topic] == scaled["spec"]["maxReplicaCount"]
+
+
+@pytest.mark.parametrize("delays", ["250ms,1s,90,2d,45m", "1h", ""])
+def test_topics_job_names_retry_topics_as_the_service_does(compose, tmp_path, delays):
+    job = compose["services"]["topics"]
+    created, _ = run_topics_job(job, tmp_path, RETRY_DELAYS=delays)
+    consumer = settings_for({**environment(compose["services"][CONSUMERS["cpu"]]), "RETRY_DELAYS": delays})
+    fixed = {consumer.input_topic, consumer.output_topic, consumer.dlq_topic}
+    assert set(created) - fixed == set(consumer.retry_topics())
 
 
 def test_broker_is_the_version_the_tests_run(compose):

@@ -80,6 +80,23 @@ def test_queued_work_counts_a_partition_without_a_commit_from_its_low_watermark(
     assert lag_samples(metrics) == {("in", "2"): 5.0}  # the lag series stays what is committed
 
 
+def test_retry_topic_lag_is_reported_but_is_not_queued_work():
+    """Records in a retry topic wait up to a RETRY_DELAYS delay: more replicas would not make them due."""
+    metrics = Metrics()
+    metrics.deferred_topics = frozenset({"in-retry-600s"})
+    metrics.observe_generation(1.0, 1)
+    document = stats_document({"0": {"desired": True, "consumer_lag": 4}})
+    document["topics"]["in-retry-600s"] = {
+        "partitions": {
+            "0": {"desired": True, "consumer_lag": 900},
+            "1": {"desired": True, "consumer_lag": -1, "lo_offset": 0, "hi_offset": 50, "ls_offset": 50},
+        }
+    }
+    metrics.observe_consumer_stats(document)
+    assert sample(metrics, "diagram_queued_work_seconds") == 4.0
+    assert lag_samples(metrics) == {("in", "0"): 4.0, ("in-retry-600s", "0"): 900.0}
+
+
 def test_recent_batches_outweigh_old_ones_and_full_batches_outweigh_lone_events():
     metrics = Metrics()
     metrics.observe_generation(160.0, 16)  # 10 s per event

@@ -11,6 +11,11 @@ by field with hostile unicode, arbitrary JSON shapes and depths, and oversized v
 - every record yields exactly one result or one dead letter;
 - every dead letter fits its topic (the fake broker refuses what does not) and names its stage.
 
+With RETRY_DELAYS set and an image resolver that fails transiently at random (then answers, or
+never does, or fails for good), over the same hostile records: every record still yields exactly one
+result or one dead letter (a retry hop is neither), no commit on the input or a retry topic passes a
+record that has not gone on, and a dead letter after the retries lists every attempt.
+
 Delivery guarantees across crashes and rebalances are proven on the real broker (tests/integration);
 this is about what one record can do to the pipeline. The seed is fixed (`derandomize`), so CI runs
 the same examples every time.
@@ -28,14 +33,23 @@ from hypothesis import strategies as st
 
 from consumer import pipeline as pipeline_module
 from consumer.engine.echo import EchoEngine
-from consumer.errors import STAGES, ExitCode
+from consumer.errors import STAGES, ExitCode, FetchError
 from consumer.events import DeadLetterHeaders, DiagramResult
 from consumer.metrics import Metrics
 from consumer.pipeline import Pipeline
 from consumer.settings import Settings
 from consumer.stages.delivery import at_least_once
 from consumer.state import ServiceState
-from tests.fakes import FakeConsumer, FakeProducer, PipelineThread, png_base64, wait_for
+from tests.fakes import (
+    FakeConsumer,
+    FakeProducer,
+    FakeResolver,
+    PipelineThread,
+    Settlement,
+    loop_back,
+    png_base64,
+    wait_for,
+)
 
 IN, OUT, DLQ = "events", "results", "dead-letters"
 PRODUCER_MAX_BYTES = 6_000
@@ -92,6 +106,7 @@ records = st.lists(st.tuples(keys, values, headers), min_size=1, max_size=8)
 @pytest.fixture(autouse=True)
 def no_broker(monkeypatch):
     monkeypatch.setattr(pipeline_module, "fit_to_topic_limits", lambda config, topics, timeout=10.0: config)
+    monkeypatch.setattr(pipeline_module, "ensure_retry_topics", lambda settings, config, timeout=10.0: None)
     monkeypatch.setattr(at_least_once, "COMMIT_INTERVAL_S", 0.02)
 
 
@@ -151,3 +166,148 @@ def run_pipeline(guarantee: str, inputs: list[tuple[bytes | None, bytes | None, 
 @given(inputs=records)
 def test_no_record_stops_the_pipeline_and_each_settles_once(guarantee, inputs):
     run_pipeline(guarantee, inputs)
+
+
+# -- with retries (RETRY_DELAYS) ---------------------------------------------------------------------
+DELAYS = "10ms,30ms"
+ATTEMPTS = 3
+TRANSIENT = [
+    FetchError("image URL answered HTTP 503", reason="http_503", retryable=True),
+    FetchError("took over IMAGE_FETCH_TIMEOUT=10 s", reason="timeout", retryable=True),
+    FetchError("connection to image host refused", reason="connection", retryable=True),
+    FetchError("cannot resolve image host: EAI_AGAIN", reason="dns", retryable=True),
+]
+PERMANENT = FetchError("image URL answered HTTP 404", reason="http_404")
+
+
+@st.composite
+def image_failures(draw: st.DrawFn) -> list[FetchError]:
+    """How a valid event's image URL fails: transiently a few times (more times than there are attempts:
+    it never answers), maybe then for good; none: it answers at once."""
+    failures = draw(st.lists(st.sampled_from(TRANSIENT), max_size=ATTEMPTS + 1))
+    if draw(st.booleans()) and len(failures) < ATTEMPTS:
+        failures.append(PERMANENT)
+    return failures
+
+
+FLAKY = None
+"""The value of an input that is a valid event with its own image URL (failing as scripted)."""
+retry_records = st.lists(
+    st.one_of(
+        st.tuples(keys, st.just(FLAKY), headers, image_failures()),
+        records.map(lambda r: (*r[0], [])).map(lambda r: (r[0], r[1] if r[1] is not None else b"", r[2], r[3])),
+    ),
+    min_size=1,
+    max_size=8,
+)
+
+
+def run_with_retries(guarantee: str, inputs: list[tuple[bytes | None, bytes | None, list[Any], list[FetchError]]]):
+    config = Settings.from_environ(
+        {"KAFKA_MESSAGE_MAX_BYTES": str(PRODUCER_MAX_BYTES)},
+        input_topic=IN,
+        output_topic=OUT,
+        dlq_topic=DLQ,
+        processing_guarantee=guarantee,
+        max_event_bytes=MAX_EVENT_BYTES,
+        batch_max_wait_ms=1,
+        shutdown_timeout=5.0,
+        retry_delays=DELAYS,
+        max_in_flight=4,
+    )
+    retry_topics = config.retry_topics()
+    partitions = {IN: 2, **{topic: 2 for topic in retry_topics}}
+    consumer = FakeConsumer(partitions=partitions)
+    producer = FakeProducer(topic_limits=TOPIC_LIMITS, partitions=partitions, group_offsets=consumer.committed_offsets)
+    loop_back(producer, consumer, retry_topics)
+    resolver = FakeResolver()
+    engine = EchoEngine()
+    pipeline = Pipeline(
+        config, engine, engine.load(), 4, Metrics(), ServiceState(model="echo"),
+        consumer_factory=consumer.factory, producer_factory=producer.factory,
+    )  # fmt: skip
+    expected_failures: dict[tuple[int, int], list[FetchError]] = {}
+    for index, (key, value, record_headers, failures) in enumerate(inputs):
+        if value is FLAKY:
+            url = f"https://images.example.com/{index}.png"
+            value = json.dumps({"id": f"e-{index}", "image": {"url": url}}).encode()
+            resolver.fail(url, *failures)
+        offset = consumer.append(IN, index % 2, value, key=key, headers=record_headers)
+        if failures and len(key or b"") < PRODUCER_MAX_BYTES // 2:
+            # (a hop or result that a key near the producer's limit makes too large is dead-lettered
+            # instead, at whichever attempt: that is only checked to settle once)
+            expected_failures[(index % 2, offset)] = failures
+    checked_commits: list[str] = []
+    commit = consumer.commit
+
+    def checked_commit(*args: Any, **kwargs: Any) -> Any:
+        # At the moment of each commit, every record below its offsets has gone on (at-least-once).
+        settlement = Settlement.of(producer.records, OUT, DLQ)
+        for partition in kwargs.get("offsets") or []:
+            tp = (partition.topic, partition.partition)
+            for offset in range(partition.offset):
+                if not settlement.settles(consumer, tp, offset, IN):
+                    checked_commits.append(f"{tp} committed to {partition.offset} with {offset} unsettled")
+        return commit(*args, **kwargs)
+
+    consumer.commit = checked_commit  # type: ignore[method-assign]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline_module, "ImageResolver", lambda settings: resolver)
+        thread = PipelineThread(pipeline).start()
+
+        def everything_committed() -> bool:
+            ends = {tp: consumer.end_offset(tp) for tp in [(topic, p) for topic in partitions for p in (0, 1)]}
+            settled = Settlement.of(producer.records, OUT, DLQ).finals
+            return len(settled) == len(inputs) and all(
+                consumer.committed_offsets.get(tp, 0) == end for tp, end in ends.items() if end
+            )
+
+        try:
+            wait_for(lambda: everything_committed() or not thread.running, 20.0, "every record settled and committed")
+            assert thread.running, f"the pipeline stopped by itself: {pipeline.latch.error!r}"
+        finally:
+            exit_code = thread.stop(10.0)
+    assert exit_code == ExitCode.CLEAN
+    assert checked_commits == []
+
+    if guarantee == "exactly_once":  # each transaction's offsets against what had committed with and before it
+        visible: list[Any] = []
+        for transaction in producer.transactions:
+            if transaction.state != "committed":
+                continue
+            visible += transaction.records
+            settlement = Settlement.of(visible, OUT, DLQ)
+            for tp, point in transaction.offsets.items():
+                assert all(settlement.settles(consumer, tp, offset, IN) for offset in range(point)), (tp, point)
+
+    settlement = Settlement.of(producer.records, OUT, DLQ)
+    expected = Counter({(IN, p, o): 1 for p in (0, 1) for o in range(consumer.end_offset((IN, p)))})
+    assert settlement.finals == expected, "every record yields exactly one result or one dead letter"
+    dead_letters = {
+        (int(dead.source_partition), int(dead.source_offset)): dead
+        for dead in (
+            DeadLetterHeaders.model_validate({k: v.decode() for k, v in message.headers() or []})
+            for message in producer.records_in(DLQ)
+        )
+    }
+    if any(transaction.state == "aborted" for transaction in producer.transactions):
+        return  # a batch redone after an abort fetched its images again: the scripted failures moved on
+    for (partition, offset), failures in expected_failures.items():
+        if failures[-1] is not PERMANENT and len(failures) < ATTEMPTS:
+            assert (partition, offset) not in dead_letters, "answered within the retries: a result"
+            continue
+        dead = dead_letters[(partition, offset)]
+        attempts = min(len(failures), ATTEMPTS)
+        assert (dead.error_attempts, dead.source_topic) == (str(attempts), IN)
+        assert dead.error_reason == failures[attempts - 1].reason
+        history = json.loads(dead.error_history) if attempts > 1 else []
+        assert [entry.split(":")[0] for entry in history] == [
+            f"fetch/{failure.reason}" for failure in failures[:attempts]
+        ][: len(history)]
+
+
+@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(inputs=retry_records)
+def test_with_retries_each_record_still_settles_once_and_nothing_is_committed_unsettled(guarantee, inputs):
+    run_with_retries(guarantee, inputs)

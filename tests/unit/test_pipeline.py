@@ -8,6 +8,7 @@ tests/integration/.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Callable
 
@@ -16,15 +17,25 @@ from confluent_kafka import KafkaError
 
 from consumer import pipeline as pipeline_module
 from consumer.engine.echo import ECHO_DESCRIPTION, EchoEngine
-from consumer.errors import ExitCode
-from consumer.events import DeadLetterHeaders, DiagramResult
+from consumer.errors import ExitCode, FetchError
+from consumer.events import DeadLetterHeaders, DiagramResult, Source
 from consumer.metrics import Metrics
 from consumer.offsets import TopicPartitionKey
 from consumer.pipeline import Pipeline
 from consumer.settings import Settings
 from consumer.stages.delivery import at_least_once
 from consumer.state import ServiceState
-from tests.fakes import FakeConsumer, FakeProducer, PipelineThread, event_value, png_base64, wait_for
+from tests.fakes import (
+    FakeConsumer,
+    FakeProducer,
+    FakeResolver,
+    PipelineThread,
+    Settlement,
+    event_value,
+    loop_back,
+    png_base64,
+    wait_for,
+)
 
 IN, OUT, DLQ = "diagram-events", "diagram-descriptions", "diagram-events-dlq"
 GUARANTEES = ["at_least_once", "exactly_once"]
@@ -78,11 +89,14 @@ class Run:
         return all(self.consumer.committed_offsets.get(tp) == end for tp, end in ends.items() if end)
 
     def assert_nothing_committed_unsettled(self) -> None:
-        """Every input below a committed offset has its result or dead letter published (the guarantee a
-        crash or a rebalance must keep), and no commit was made for a partition this member did not own."""
-        settled = self.settled()
+        """Every record below a committed offset has gone on (the guarantee a crash or a rebalance must
+        keep): an input has its result or dead letter published, or a retry hop (RETRY_DELAYS), and so has
+        a retry record, or a hop to a later attempt. No commit was made for a partition this member did
+        not own."""
+        settlement = Settlement.of(self.producer.records, OUT, DLQ)
         for tp, committed in self.consumer.committed_offsets.items():
-            assert set(range(committed)) <= settled.get(tp, set()), f"{tp} committed to {committed} unsettled"
+            unsettled = [o for o in range(committed) if not settlement.settles(self.consumer, tp, o, IN)]
+            assert unsettled == [], f"{tp} committed to {committed} with {unsettled} unsettled"
         assert self.consumer.unowned_commits == []
 
 
@@ -90,6 +104,7 @@ class Run:
 def no_broker(monkeypatch):
     # fit_to_topic_limits asks the brokers for the topics' limits; FakeProducer's topic_limits stand in.
     monkeypatch.setattr(pipeline_module, "fit_to_topic_limits", lambda config, topics, timeout=10.0: config)
+    monkeypatch.setattr(pipeline_module, "ensure_retry_topics", lambda settings, config, timeout=10.0: None)
     monkeypatch.setattr(at_least_once, "COMMIT_INTERVAL_S", 0.05)
 
 
@@ -116,8 +131,10 @@ def start():
             shutdown_timeout=SHUTDOWN_TIMEOUT,
             **overrides,
         )
-        consumer = FakeConsumer(partitions={IN: partitions})
-        producer = FakeProducer(topic_limits=topic_limits, group_offsets=consumer.committed_offsets)
+        topics = {IN: partitions, **{topic: partitions for topic in settings.retry_topics()}}
+        consumer = FakeConsumer(partitions=topics)
+        producer = FakeProducer(topic_limits=topic_limits, partitions=topics, group_offsets=consumer.committed_offsets)
+        loop_back(producer, consumer, settings.retry_topics())
         engine = EchoEngine(delay_s=engine_delay_s)
         pipeline = Pipeline(
             settings,
@@ -247,3 +264,73 @@ def test_a_fenced_transactional_producer_stops_the_service_without_committing(st
     assert run.thread.wait(SHUTDOWN_TIMEOUT + 5) == ExitCode.FAILED
     assert run.consumer.committed_offsets == {} and run.producer.records_in(OUT) == []
     assert run.consumer.closed
+
+
+# -- retries (RETRY_DELAYS) --------------------------------------------------------------------------------
+FLAKY = "https://images.example.com/flaky.png"
+DOWN = "https://images.example.com/down.png"
+
+
+def http_503() -> FetchError:
+    return FetchError("image URL answered HTTP 503", reason="http_503", retryable=True)
+
+
+@pytest.fixture
+def resolver(monkeypatch) -> FakeResolver:
+    """The pipeline's image resolver: images by URL, failures scripted per URL."""
+    fake = FakeResolver()
+    monkeypatch.setattr(pipeline_module, "ImageResolver", lambda settings: fake)
+    return fake
+
+
+def retry_topics_committed(run: Run) -> bool:
+    """Every retry-topic partition with records is committed to its end: nothing waits or is in flight."""
+    topics = run.pipeline.settings.retry_topics()
+    ends = {(t, p): run.consumer.end_offset((t, p)) for t in topics for p in range(run.partitions)}
+    return all(run.consumer.committed_offsets.get(tp) == end for tp, end in ends.items() if end)
+
+
+@pytest.mark.parametrize("guarantee", GUARANTEES)
+def test_a_transient_failure_hops_through_the_retry_topics_to_its_result_or_one_dead_letter(start, resolver, guarantee):
+    resolver.fail(FLAKY, http_503(), http_503())  # answers on the third attempt
+    resolver.fail(DOWN, *[http_503()] * 5)  # never answers
+    run = start(guarantee, partitions=2, retry_delays="20ms,40ms")
+    run.consumer.append(IN, 0, event_value("flaky", {"url": FLAKY}), key="k-flaky")
+    run.consumer.append(IN, 1, event_value("down", {"url": DOWN}), key="k-down")
+    run.add_events(0, 2)
+    run.until(
+        lambda: len(run.results()) == 3 and len(run.dead_letters()) == 1 and run.all_committed()
+        and retry_topics_committed(run),
+        what="three results and one dead letter, every topic committed",
+    )  # fmt: skip
+    assert run.thread.stop(SHUTDOWN_TIMEOUT + 5) == ExitCode.CLEAN
+
+    flaky = next(result for result in run.results() if result.id == "flaky")
+    assert flaky.metadata.source == Source(topic=IN, partition=0, offset=0)  # the original input
+    (dead,) = run.dead_letters()
+    assert (dead.event_id, dead.error_reason, dead.error_attempts) == ("down", "http_503", "3")
+    assert (dead.source_topic, dead.source_partition, dead.source_offset) == (IN, "1", "0")
+    assert len(json.loads(dead.error_history or "[]")) == 3
+    assert resolver.calls.count(FLAKY) == 3 and resolver.calls.count(DOWN) == 3  # one fetch per attempt
+    hops = run.producer.records_in(f"{IN}-retry-20ms") + run.producer.records_in(f"{IN}-retry-40ms")
+    assert sorted(dict(hop.headers())["retry.attempt"] for hop in hops) == [b"2", b"2", b"3", b"3"]
+    registry = run.pipeline.metrics.registry
+    assert registry.get_sample_value("diagram_events_total", {"outcome": "retry_scheduled"}) == 4
+    assert registry.get_sample_value("diagram_events_total", {"outcome": "dead_lettered"}) == 1
+    run.assert_nothing_committed_unsettled()
+
+
+@pytest.mark.parametrize("guarantee", GUARANTEES)
+def test_an_event_waiting_for_its_retry_holds_up_nothing_else(start, resolver, guarantee):
+    resolver.fail(FLAKY, http_503())
+    run = start(guarantee, partitions=2, retry_delays="1h", max_in_flight=2)
+    run.consumer.append(IN, 0, event_value("flaky", {"url": FLAKY}), key="k-flaky")
+    run.add_events(0, 4)
+    run.add_events(1, 4)
+    run.until(lambda: len(run.results()) == 8 and run.all_committed(), what="the other events, all committed")
+    retry = (f"{IN}-retry-3600s", next(hop.partition() for hop in run.producer.records_in(f"{IN}-retry-3600s")))
+    run.until(lambda: run.pipeline.state.waiting == [f"{retry[0]}[{retry[1]}]"], what="the retry waiting")
+    assert run.pipeline.state.paused == [] and run.pipeline.tracker.in_flight() == 0  # it holds no slot
+    assert run.consumer.committed_offsets.get(retry, 0) == 0  # nor lets its retry topic be committed past it
+    assert run.thread.stop(SHUTDOWN_TIMEOUT + 5) == ExitCode.CLEAN
+    assert "flaky" not in {result.id for result in run.results()} and run.dead_letters() == []

@@ -101,3 +101,23 @@ def test_every_client_is_named_after_the_service_its_group_and_its_replica():
     for config in (named.consumer_config(), named.producer_config()):
         assert config["client.id"] == "ocr-team"
     assert named.client_id(group="other") == "ocr-team"
+
+
+def test_retry_delays_name_one_topic_each_after_the_input_topic():
+    settings = Settings.from_environ({"INPUT_TOPIC": "diagrams", "RETRY_DELAYS": "1m, 10m,1h,1m,250ms"})
+    assert settings.retry_delays == (60_000, 600_000, 3_600_000, 60_000, 250)
+    assert settings.retry_topics() == [
+        "diagrams-retry-60s",
+        "diagrams-retry-600s",
+        "diagrams-retry-3600s",
+        "diagrams-retry-250ms",
+    ]
+    assert Settings.from_environ({"RETRY_DELAYS": "90, 2d"}).retry_delays == (90_000, 172_800_000)
+    for unset in ({}, {"RETRY_DELAYS": ""}):
+        assert Settings.from_environ(unset).retry_delays == () and Settings.from_environ(unset).retry_topics() == []
+
+
+@pytest.mark.parametrize("delays", ["1x", "-1s", "0s", "8d", ",".join(["1s"] * 17)])
+def test_retry_delays_that_cannot_work_are_refused_with_the_field_named(delays):
+    with pytest.raises(ValidationError, match="retry_delays"):
+        Settings.from_environ({"RETRY_DELAYS": delays})

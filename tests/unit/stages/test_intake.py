@@ -8,6 +8,7 @@ against a real broker: tests/integration/test_delivery.py.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -56,9 +57,10 @@ class Rig:
 
 @pytest.fixture
 def rig():
-    def build(max_in_flight: int = 64, partitions: int = 2, records: int = 0) -> Rig:
-        settings = Settings.from_environ({}, input_topic=TOPIC, max_in_flight=max_in_flight)
-        consumer = FakeConsumer({"group.id": "intake-test"}, partitions={TOPIC: partitions})
+    def build(max_in_flight: int = 64, partitions: int = 2, records: int = 0, retry_delays: str = "") -> Rig:
+        settings = Settings.from_environ({}, input_topic=TOPIC, max_in_flight=max_in_flight, retry_delays=retry_delays)
+        topics = {TOPIC: partitions, **{topic: 1 for topic in settings.retry_topics()}}
+        consumer = FakeConsumer({"group.id": "intake-test"}, partitions=topics)
         for partition in range(partitions):
             for n in range(records):
                 consumer.append(TOPIC, partition, f"p{partition}-{n}")
@@ -67,7 +69,7 @@ def rig():
         listener = RecordingListener()
         errors = KafkaErrors(state, latch)
         intake = Intake(settings, consumer, tracker, state, metrics, latch, errors, listener, window)
-        intake.subscribe(TOPIC)
+        intake.subscribe(TOPIC, *settings.retry_topics())
         return Rig(intake, consumer, window, tracker, state, metrics, latch, listener)
 
     return build
@@ -216,3 +218,124 @@ def test_end_of_partition_is_ignored_and_other_errors_are_logged(rig, caplog):
     assert "consumer error" in caplog.text and "broker went away" in caplog.text
     r.consumer.append(TOPIC, 0, b"after the errors")
     r.run_until(lambda: r.window.offsets(P0) == [0], "a record after the errors")
+
+
+# -- retry records waiting for their due time (RETRY_DELAYS) ----------------------------------------------
+RETRY = ("events-retry-60s", 0)
+
+
+class Clock:
+    """Wall-clock time as intake reads it (due times are epoch ms), moved by the test; monotonic is real."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def time(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+
+@pytest.fixture
+def clock(monkeypatch) -> Clock:
+    clock = Clock()
+    monkeypatch.setattr(intake_module, "time", clock)
+    return clock
+
+
+def add_retry(r: Rig, value: str, due_in_s: float, clock: Clock) -> None:
+    due_ms = int((clock.now + due_in_s) * 1000)
+    r.consumer.append(RETRY[0], RETRY[1], value, headers=[("retry.due", str(due_ms)), ("retry.attempt", "2")])
+
+
+def test_a_retry_record_not_due_waits_paused_while_the_other_partitions_flow(rig, clock):
+    r = rig(partitions=2, retry_delays="1m")
+    add_retry(r, "retry-a", 60, clock)
+    add_retry(r, "retry-b", 60, clock)
+    r.run_until(lambda: r.state.waiting, "the retry record waiting")
+    assert RETRY in r.consumer.paused and r.state.waiting == ["events-retry-60s[0]"]
+    assert r.gauge("diagram_waiting_partitions") == 1
+    for n in range(3):
+        r.consumer.append(TOPIC, n % 2, f"input-{n}")
+    r.run_until(lambda: len(r.window.taken) == 3, "the input records taken meanwhile")
+    r.rounds(5)
+    assert r.window.offsets(RETRY) == [] and r.state.paused == []
+    assert r.tracker.in_flight() == 3  # the waiting record holds no slot...
+    assert RETRY not in r.tracker.commit_points()  # ...and nothing of its partition is committable past it
+
+    clock.now += 60
+    r.run_until(lambda: len(r.window.offsets(RETRY)) == 2, "both retry records taken once due")
+    assert [record.value for record, _ in r.window.taken if record.tp == RETRY] == [b"retry-a", b"retry-b"]
+    assert RETRY not in r.consumer.paused and r.state.waiting == [] and r.gauge("diagram_waiting_partitions") == 0
+
+
+def test_a_retry_record_already_due_goes_on_at_once(rig, clock):
+    r = rig(partitions=1, retry_delays="1m")
+    add_retry(r, "overdue", -5, clock)
+    r.run_until(lambda: r.window.offsets(RETRY) == [0], "the overdue record taken")
+    assert r.consumer.paused == set() and r.state.waiting == []
+
+
+def test_records_after_a_waiting_one_never_overtake_it(rig, clock):
+    """librdkafka may still hand over a record it fetched before the pause: it waits behind the first."""
+    r = rig(partitions=1, retry_delays="1m")
+    add_retry(r, "first", 60, clock)
+    r.run_until(lambda: r.state.waiting, "the first waiting")
+    add_retry(r, "second, due earlier", -1, clock)
+    r.consumer.resume([TopicPartition(*RETRY)])  # as if it had been fetched before the pause took effect
+    r.run_until(lambda: len(r.intake._waiting.get(RETRY, ())) == 2, "the second held behind the first")
+    assert r.window.offsets(RETRY) == []
+    clock.now += 60
+    r.run_until(lambda: len(r.window.offsets(RETRY)) == 2, "both taken")
+    assert [record.value for record, _ in r.window.taken] == [b"first", b"second, due earlier"]
+
+
+def test_the_window_resuming_its_partitions_leaves_a_waiting_one_paused(rig, clock, monkeypatch):
+    monkeypatch.setattr(intake_module, "PAUSE_AFTER_S", 0.0)
+    r = rig(max_in_flight=2, partitions=1, records=4, retry_delays="1m")
+    add_retry(r, "later", 60, clock)
+    r.run_until(lambda: r.consumer.paused == {(TOPIC, 0), RETRY} and r.state.paused, "window full, retry waiting")
+    r.window.finish(2)
+    r.run_until(lambda: (TOPIC, 0) not in r.consumer.paused, "the window's resume")
+    r.rounds(3)
+    assert RETRY in r.consumer.paused and r.state.waiting == ["events-retry-60s[0]"]
+    r.window.finish(2)
+    clock.now += 60
+    r.run_until(lambda: r.window.offsets(RETRY) == [0], "the retry record once due")
+    assert RETRY not in r.consumer.paused
+
+
+def test_a_record_coming_due_leaves_its_partition_paused_while_the_window_is_full(rig, clock, monkeypatch):
+    monkeypatch.setattr(intake_module, "PAUSE_AFTER_S", 0.0)
+    r = rig(max_in_flight=2, partitions=1, retry_delays="1m")
+    add_retry(r, "due soon", 60, clock)
+    r.run_until(lambda: r.state.waiting, "the retry record waiting")
+    for n in range(4):
+        r.consumer.append(TOPIC, 0, f"input-{n}")
+    r.run_until(lambda: r.state.paused, "the window full and everything paused")
+    clock.now += 60
+    r.rounds(3)
+    assert r.state.waiting == [] and RETRY in r.consumer.paused  # due, but the window still holds it back
+    assert r.window.offsets(RETRY) == []
+    r.window.finish(2)
+    r.run_until(lambda: r.window.offsets(RETRY) == [0], "the retry record taken once the window has room")
+
+
+def test_a_waiting_partition_that_is_revoked_or_rewound_lets_its_record_go(rig, clock):
+    r = rig(partitions=1, retry_delays="1m")
+    add_retry(r, "waiting", 60, clock)
+    r.run_until(lambda: r.state.waiting, "the retry record waiting")
+    # rewound (exactly-once, after an aborted transaction): a new epoch, the position moved back
+    r.tracker.assign(RETRY)
+    r.consumer.seek(TopicPartition(*RETRY, 0))
+    r.rounds(2)
+    assert len(r.intake._waiting[RETRY]) == 1  # the stale copy dropped, the record read again and waiting
+    r.consumer.revoke([RETRY])
+    r.run_until(lambda: not r.state.waiting, "the revocation")
+    assert RETRY not in r.consumer.paused and r.intake._waiting == {}  # no pause outlives the assignment
+    r.consumer.grant([RETRY])
+    clock.now += 60
+    r.run_until(lambda: r.window.offsets(RETRY) == [0], "the record read again by its next owner, once")
+    r.rounds(3)
+    assert r.window.offsets(RETRY) == [0]

@@ -8,6 +8,7 @@ consumer would read them.
 from __future__ import annotations
 
 import hashlib
+import json
 from concurrent.futures import Future
 
 import pytest
@@ -195,3 +196,109 @@ def test_a_cloud_event_in_gives_a_cloud_event_out_and_its_dead_letter_keeps_the_
     assert out["content-type"] == b"application/json"
     kept = [(name, value) for name, value in dead.headers if name.startswith("ce_")]
     assert kept == [(name, value) for name, value in incoming if name.startswith("ce_")]
+
+
+# -- retries (RETRY_DELAYS) ------------------------------------------------------------------------------
+def retrying(delays: str = "1m,10m") -> tuple[Records, Collector[list[OutgoingRecord]], Metrics]:
+    settings = Settings.from_environ(
+        {}, input_topic="events", output_topic="results", dlq_topic="dead-letters", retry_delays=delays
+    )
+    collector, metrics = Collector[list[OutgoingRecord]](), Metrics()
+    return Records(settings, INFO, metrics, collector), collector, metrics
+
+
+def consumed(hop: OutgoingRecord, offset: int = 5) -> InputRecord:
+    """The hop as the service reads it back from its retry topic."""
+    headers = tuple((name, value.encode() if isinstance(value, str) else value) for name, value in hop.headers or [])
+    return InputRecord(hop.topic, 0, offset, hop.key, hop.value, headers=headers)
+
+
+def http_503() -> FetchError:
+    return FetchError("image URL https://x/41.png answered HTTP 503", reason="http_503", retryable=True)
+
+
+def test_a_transient_failure_hops_to_the_first_retry_topic_with_the_input_and_its_headers():
+    records, collector, metrics = retrying()
+    source = InputRecord("events", 2, 41, b"order-41", b'{"id": "e-41"}', headers=(("traceparent", b"00-ab-cd-01"),))
+    records.submit([failed(http_503(), source=source)])
+    ((hop,),) = collector.taken
+    assert (hop.topic, hop.key, hop.value, hop.outcome) == (
+        "events-retry-60s",
+        b"order-41",
+        b'{"id": "e-41"}',
+        "retry_scheduled",
+    )
+    assert (hop.source, hop.epoch, hop.event_id) == (source, 3, "e-41")
+    headers = dict(hop.headers)
+    assert headers["traceparent"] == b"00-ab-cd-01"
+    assert (headers["retry.attempt"], headers["retry.origin"]) == ("2", "events/2/41")
+    assert headers["retry.first_error"] == "fetch/http_503: image URL https://x/41.png answered HTTP 503"
+    assert (
+        metrics.registry.get_sample_value("diagram_event_failures_total", {"stage": "fetch", "reason": "http_503"})
+        is None
+    )
+    # Too large for the retry topic (or refused): the event is dead-lettered instead, never lost.
+    assert hop.fallback is not None
+    instead = hop.fallback(topic_limit("events-retry-60s"))
+    assert instead.topic == "dead-letters" and headers_of(instead).error_reason == "http_503"
+
+
+def test_after_the_last_delay_the_dead_letter_lists_every_attempt_and_names_the_original_input():
+    records, collector, _ = retrying()
+    source = InputRecord("events", 2, 41, b"order-41", b'{"id": "e-41"}', headers=(("replay.count", b"1"),))
+    records.submit([failed(http_503(), source=source)])
+    first_hop = collector.taken[-1][0]
+    timeout = FetchError("took over IMAGE_FETCH_TIMEOUT=10 s", reason="timeout", retryable=True)
+    records.submit([failed(timeout, source=consumed(first_hop))])
+    second_hop = collector.taken[-1][0]
+    assert second_hop.topic == "events-retry-600s" and dict(second_hop.headers)["retry.attempt"] == "3"
+    records.submit([failed(http_503(), source=consumed(second_hop, offset=9))])
+    dead = collector.taken[-1][0]
+    assert (dead.topic, dead.key, dead.value, dead.outcome) == (
+        "dead-letters",
+        b"order-41",
+        b'{"id": "e-41"}',
+        "dead_lettered",
+    )
+    headers = headers_of(dead)
+    assert (headers.error_stage, headers.error_reason, headers.error_attempts) == ("fetch", "http_503", "3")
+    assert json.loads(headers.error_history) == [
+        "fetch/http_503: image URL https://x/41.png answered HTTP 503",
+        "fetch/timeout: took over IMAGE_FETCH_TIMEOUT=10 s",
+        "fetch/http_503: image URL https://x/41.png answered HTTP 503",
+    ]
+    # replay sends it back to the input topic, and counts it as the input was counted
+    assert (headers.source_topic, headers.source_partition, headers.source_offset) == ("events", "2", "41")
+    assert headers.replay_count == "1"
+    assert not any(name.startswith("retry.") for name, _ in dead.headers)
+
+
+def test_a_permanent_failure_is_dead_lettered_at_once_with_the_attempts_before_it():
+    records, collector, _ = retrying()
+    records.submit([failed(http_503())])
+    records.submit([failed(FetchError("HTTP 404", reason="http_404"), source=consumed(collector.taken[-1][0]))])
+    headers = headers_of(collector.taken[-1][0])
+    assert (headers.error_reason, headers.error_attempts, headers.source_offset) == ("http_404", "2", "41")
+    assert [entry.split(":")[0] for entry in json.loads(headers.error_history)] == ["fetch/http_503", "fetch/http_404"]
+    records.submit([failed(FetchError("HTTP 404", reason="http_404"))])
+    first_time = headers_of(collector.taken[-1][0])
+    assert first_time.error_history is None and first_time.error_attempts == "1"  # no hop: as without retries
+
+
+def test_without_retry_delays_a_transient_failure_is_dead_lettered_as_before(stage):
+    records, collector = stage
+    records.submit([failed(http_503())])
+    ((dead,),) = collector.taken
+    assert dead.topic == "dead-letters" and headers_of(dead).error_history is None
+
+
+def test_a_result_after_retries_names_the_original_input_and_carries_no_retry_header():
+    records, collector, _ = retrying()
+    source = InputRecord("events", 2, 41, b"order-41", b'{"id": "e-41"}', headers=(("traceparent", b"00-ab-cd-01"),))
+    records.submit([failed(http_503(), source=source)])
+    records.submit([described_for(consumed(collector.taken[-1][0]))])
+    result = collector.taken[-1][0]
+    assert DiagramResult.model_validate_json(result.value).metadata.source == Source(
+        topic="events", partition=2, offset=41
+    )
+    assert result.headers == [("traceparent", b"00-ab-cd-01")]

@@ -42,8 +42,8 @@ def no_backoff(monkeypatch):
 def build():
     stages: list[Resolve] = []
 
-    def make(max_in_flight: int = 64, prepares: bool = False, resolver: FakeResolver | None = None):
-        settings = Settings.from_environ({}, max_in_flight=max_in_flight, fetch_workers=2)
+    def make(max_in_flight: int = 64, prepares: bool = False, resolver: FakeResolver | None = None, **overrides):
+        settings = Settings.from_environ({}, max_in_flight=max_in_flight, fetch_workers=2, **overrides)
         tracker, metrics, collector = OffsetTracker(), Metrics(), Collector[WorkItem]()
         stage = Resolve(
             settings, tracker, resolver or FakeResolver(), DescribingGenerator(prepares=prepares), metrics, collector
@@ -115,6 +115,18 @@ def test_a_fetch_that_keeps_failing_gives_up_after_fetch_attempts(build):
         collector.taken[0].image.result(timeout=5)
     assert failure.value.attempts == resolve_module.FETCH_ATTEMPTS
     assert len(resolver.calls) == resolve_module.FETCH_ATTEMPTS
+
+
+def test_with_retry_delays_a_transient_failure_is_tried_once_and_left_to_the_retry_topics(build):
+    resolver = FakeResolver()
+    resolver.fail(URL, FetchError("HTTP 503", reason="http_503", retryable=True))
+    stage, tracker, metrics, collector = build(resolver=resolver, retry_delays="1m")
+    stage.submit(record(0, event()))
+    with pytest.raises(FetchError) as failure:
+        collector.taken[0].image.result(timeout=5)
+    assert failure.value.retryable and failure.value.attempts == 1 and resolver.calls == [URL]
+    assert metrics.registry.get_sample_value("diagram_events_total", {"outcome": "retried"}) == 0
+    assert tracker.in_flight() == 1  # its slot is freed by the retry hop's acknowledgement, not by a sleep
 
 
 @pytest.mark.parametrize(

@@ -210,7 +210,7 @@ def test_topics_job_names_retry_topics_as_the_service_does(compose, tmp_path, de
     job = compose["services"]["topics"]
     created, _ = run_topics_job(job, tmp_path, RETRY_DELAYS=delays)
     consumer = settings_for({**environment(compose["services"][CONSUMERS["cpu"]]), "RETRY_DELAYS": delays})
-    fixed = {consumer.input_topic, consumer.output_topic, consumer.dlq_topic}
+    fixed = {consumer.input_topic, consumer.output_topic, consumer.dlq_topic, consumer.result_cache_topic}
     assert set(created) - fixed == set(consumer.retry_topics())
 
 

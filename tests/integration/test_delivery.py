@@ -29,6 +29,7 @@ from tests.support import (
     committed_equals_end,
     committed_offsets,
     create_test_topics,
+    http_get,
     produce,
     read_to_end,
 )
@@ -250,6 +251,11 @@ def test_broker_restart_loses_nothing_and_the_service_recovers(own_broker, echo_
             "/health to report the broker unreachable",
             runner.log(),
         )
+        # Commits and produce retries wait on the broker, never the poll loop: it keeps coming round.
+        for _ in range(6):
+            status, live = http_get(runner.url + "/health/live")
+            assert status == 200 and json.loads(live)["last_poll_age_seconds"] < 5, live
+            time.sleep(0.5)
         own_broker.start()
         produce(bootstrap, topics.input, [event(event_id) for event_id in after])
         wait_for(lambda: watcher.unique == len(before) + len(after), 120, "every id's result", runner.log())

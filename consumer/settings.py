@@ -66,6 +66,17 @@ class Settings(BaseSettings):
     (consumer/engine/onednn.py); default leaves every call to PyTorch. auto: onednn on cpu in float32
     unless TORCH_COMPILE is on (torch.compile cannot lower it and picks its own kernels)."""
     quantization: Literal["int8", "4bit"] | None = None
+    batch_invariant: bool = True
+    """true: an image's description depends on that image and the prompt alone, never on what shares its
+    batch or in which order, in float32 and bfloat16 alike, so a redelivered event gets the text it got
+    before (on the same hardware, dtype and settings). Each image is prefilled on its own and decoded
+    with attention over its own cache only and matmuls of a fixed row count (consumer/engine/invariant.py).
+    false: batches run left-padded through transformers' generate, which gives up that guarantee: in
+    bfloat16 an image's text can change with its batch. bench/README.md gives what each costs."""
+    decode_rows: int | None = Field(None, ge=1, le=256)
+    """BATCH_INVARIANT only: every decode-step matmul runs on exactly this many rows (padded or split).
+    Unset: chosen per device, dtype and CPU flavour (consumer/engine/device.py decode_row_blocks).
+    Replicas that must agree on a text must agree on it: another row count rounds differently."""
     batch_size: int | None = Field(None, ge=1, le=256)
     """Images per generate call at most. Unset: the engine's default for its device (16 on a CPU, 8
     elsewhere: consumer/engine/device.py default_batch_size)."""

@@ -30,7 +30,12 @@ import torch.nn.functional as F
 
 from consumer.engine import onednn
 
-Kernel = Literal["onednn", "default"]
+Kernel = Literal["default", "onednn", "packed"]
+"""default: PyTorch's own matmul on the module's weight. onednn: oneDNN on the module's weight, as it
+is (float32 on CPUs: the DECODE_MATMUL kernel). packed: oneDNN on a copy of the text model's weights
+reordered once into oneDNN's blocked layout, query/key/value and gate/up concatenated (one call each):
+without it oneDNN reorders a plain weight on every call of more than one row (CPUs only; the copy
+costs the text weights' size again in memory)."""
 
 
 @dataclass(frozen=True)
@@ -55,7 +60,8 @@ class RowBlocks:
 
     def describe(self) -> str:
         rows = f"{self.min_rows}" if self.min_rows == self.max_rows else f"{self.min_rows}-{self.max_rows}"
-        return f"{rows} rows per call ({'oneDNN' if self.kernel == 'onednn' else 'PyTorch default'} kernel)"
+        kernel = {"default": "PyTorch default", "onednn": "oneDNN", "packed": "oneDNN, prepacked weights"}
+        return f"{rows} rows per call ({kernel[self.kernel]} kernel)"
 
 
 def _default_linear(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -88,7 +94,8 @@ def block_linear(rows: torch.Tensor, module: torch.nn.Module, blocks: RowBlocks)
     """
     if isinstance(module, torch.nn.Linear) and type(module) in (torch.nn.Linear, onednn.FewRowsLinear):
         weight, bias = module.weight, module.bias
-        kernel = _onednn_linear if blocks.kernel == "onednn" and weight.device.type == "cpu" else _default_linear
+        onednn_kernel = blocks.kernel != "default" and weight.device.type == "cpu"
+        kernel = _onednn_linear if onednn_kernel else _default_linear
         return in_blocks(rows, blocks, lambda block: kernel(block, weight, bias))
     return in_blocks(rows, blocks, module)
 
@@ -125,6 +132,41 @@ class InvariantDecoder:
             text_config.hidden_size // text_config.num_attention_heads
         )
         self.heads_per_kv: int = text_config.num_attention_heads // self.kv_heads
+        self._packed: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor | None, list[int]]] = {}
+        if blocks.kernel == "packed":
+            for layer in self.text.layers:
+                attention, mlp = layer.self_attn, layer.mlp
+                for group in (
+                    (attention.q_proj, attention.k_proj, attention.v_proj),
+                    (attention.o_proj,),
+                    (mlp.gate_proj, mlp.up_proj),
+                    (mlp.down_proj,),
+                ):
+                    self._pack(group)
+            self._pack((self.lm_head,))
+
+    def _pack(self, modules: tuple[torch.nn.Module, ...]) -> None:
+        """Keep `modules`' weights, concatenated, in oneDNN's blocked layout (plain CPU nn.Linear only)."""
+        linears = [m for m in modules if type(m) in (torch.nn.Linear, onednn.FewRowsLinear)]
+        if len(linears) < len(modules) or linears[0].weight.device.type != "cpu":
+            return
+        weights: list[torch.Tensor] = [m.weight.detach() for m in linears if isinstance(m, torch.nn.Linear)]
+        biases = [m.bias.detach() for m in linears if isinstance(m, torch.nn.Linear) and m.bias is not None]
+        if biases and len(biases) < len(weights):
+            return  # some with a bias, some without: left to run one by one
+        weight = torch.cat(weights) if len(weights) > 1 else weights[0]
+        bias = torch.cat(biases) if biases else None
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        self._packed[tuple(id(m) for m in modules)] = (packed, bias, [int(w.shape[0]) for w in weights])
+
+    def _matmuls(self, rows: torch.Tensor, *modules: torch.nn.Module) -> list[torch.Tensor]:
+        """`rows` through each linear layer in `modules`, in row blocks (one call where they were packed)."""
+        packed = self._packed.get(tuple(id(m) for m in modules))
+        if packed is None:
+            return [block_linear(rows, module, self.blocks) for module in modules]
+        weight, bias, sizes = packed
+        out = in_blocks(rows, self.blocks, lambda block: _onednn_linear(block, weight, bias))
+        return list(torch.split(out, sizes, dim=-1)) if len(sizes) > 1 else [out]
 
     # -- prefill ------------------------------------------------------------------------------------
     def prefill(self, inputs: dict[str, torch.Tensor], capacity: int) -> tuple[DecodeSequence, torch.Tensor]:
@@ -160,7 +202,7 @@ class InvariantDecoder:
 
         Every matrix multiply runs in row blocks (`RowBlocks`), attention per sequence over its own cache.
         """
-        text, blocks = self.text, self.blocks
+        text = self.text
         count = len(sequences)
         hidden = text.embed_tokens(tokens)
         positions = torch.tensor([s.length + s.position_delta for s in sequences], device=hidden.device)
@@ -170,24 +212,23 @@ class InvariantDecoder:
         for index, layer in enumerate(text.layers):
             attention = layer.self_attn
             normed = layer.input_layernorm(hidden)
-            query = attention.q_norm(block_linear(normed, attention.q_proj, blocks).view(count, -1, self.head_dim))
-            key = attention.k_norm(block_linear(normed, attention.k_proj, blocks).view(count, -1, self.head_dim))
-            value = block_linear(normed, attention.v_proj, blocks).view(count, -1, self.head_dim)
+            query, key, value = self._matmuls(normed, attention.q_proj, attention.k_proj, attention.v_proj)
+            query = attention.q_norm(query.reshape(count, -1, self.head_dim))
+            key = attention.k_norm(key.reshape(count, -1, self.head_dim))
+            value = value.reshape(count, -1, self.head_dim)
             # (n, heads, 1, dim), rotated as the model's own attention does (rotate-half).
             query, key = _rotate(query.unsqueeze(2), cos, sin), _rotate(key.unsqueeze(2), cos, sin)
             attended = torch.empty_like(query)
             for row, sequence in enumerate(sequences):
                 attended[row] = self._attend(sequence, index, query[row], key[row], value[row])
-            hidden = hidden + block_linear(attended.view(count, -1), attention.o_proj, blocks)
+            hidden = hidden + self._matmuls(attended.view(count, -1), attention.o_proj)[0]
             normed = layer.post_attention_layernorm(hidden)
             mlp = layer.mlp
-            gate = block_linear(normed, mlp.gate_proj, blocks)
-            up = block_linear(normed, mlp.up_proj, blocks)
-            hidden = hidden + block_linear(mlp.act_fn(gate) * up, mlp.down_proj, blocks)
+            gate, up = self._matmuls(normed, mlp.gate_proj, mlp.up_proj)
+            hidden = hidden + self._matmuls(mlp.act_fn(gate) * up, mlp.down_proj)[0]
         for sequence in sequences:
             sequence.length += 1
-        logits = block_linear(text.norm(hidden), self.lm_head, blocks)
-        return logits.float()
+        return self._matmuls(text.norm(hidden), self.lm_head)[0].float()
 
     def _attend(
         self, sequence: DecodeSequence, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor

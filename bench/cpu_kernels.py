@@ -19,6 +19,8 @@ Sections:
 - invariance: BATCH_INVARIANT rests on this. For each kernel and row count: is row r's result, bit
   for bit, what it is at every other row count the engine may call it with, whatever the other
   rows hold and wherever the row sits? Reported per kernel as the row counts that agree.
+- patch-embedding: the vision encoder's Conv3d patch embedding of a 1024x768 image (3072 patches of
+  2x16x16) against the same product as one matmul (consumer/engine/qwen.py PatchEmbedding).
 - attention: one text layer's decode attention. float32 at batch 16 over a 1024x768 diagram's
   context half-way through 384 new tokens (1062 filled positions), over the filled prefix
   (FilledStaticCache) against the whole preallocated prompt + 384 (transformers' StaticCache); and
@@ -237,6 +239,29 @@ def _ranges(counts: list[int]) -> str:
     return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in spans)
 
 
+# -- patch embedding --------------------------------------------------------------------------------
+def patch_embedding_section() -> dict:
+    """Conv3d (kernel = stride) against F.linear over the flattened patches, float32 and bfloat16."""
+    result = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        conv = torch.nn.Conv3d(3, 1024, kernel_size=(2, 16, 16), stride=(2, 16, 16)).to(dtype)
+        patches = torch.randn(3072, 3, 2, 16, 16).to(dtype)
+        best = best_of(
+            {
+                "conv3d": lambda conv=conv, patches=patches: conv(patches),
+                "linear": lambda conv=conv, patches=patches: F.linear(
+                    patches.flatten(1), conv.weight.flatten(1), conv.bias
+                ),
+            },
+            rounds=3,
+            calls=1,
+        )
+        name = str(dtype).removeprefix("torch.")
+        result[name] = {"conv3d_ms": best["conv3d"] * 1e3, "linear_ms": best["linear"] * 1e3}
+        print(f"patch embedding, {name}: Conv3d {best['conv3d'] * 1e3:.0f} ms, matmul {best['linear'] * 1e3:.1f} ms")
+    return result
+
+
 # -- attention --------------------------------------------------------------------------------------
 def grouped_query_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """SDPA with its own grouped-query support: 16 query heads on 8 KV heads, no repeat, no packing."""
@@ -286,7 +311,7 @@ def attention_section(stream_gb_s: float, batch: int = 16, filled: int = 1062, p
 @torch.inference_mode()
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", default="fp32,bf16,invariance,attention")
+    parser.add_argument("--sections", default="fp32,bf16,invariance,patch-embedding,attention")
     parser.add_argument("--out", type=Path, default=None, help="directory for the results (default: bench/results)")
     args = parser.parse_args(argv)
     if not onednn.available():
@@ -311,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         payload["bf16"] = bf16_section(stream)
     if "invariance" in sections:
         payload["invariance"] = invariance_section()
+    if "patch-embedding" in sections:
+        payload["patch_embedding"] = patch_embedding_section()
     if "attention" in sections:
         payload["attention"] = attention_section(stream)
     payload["load_average_end"] = Path("/proc/loadavg").read_text().split()[:3] if load else []

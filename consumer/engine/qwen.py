@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from consumer.engine import onednn
@@ -55,6 +56,39 @@ ADAPTER_FILES = ("adapter_config.json",)
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+
+
+class PatchEmbedding(torch.nn.Conv3d):
+    """The vision encoder's patch embedding as the matrix multiply it is.
+
+    Qwen3-VL embeds each 2x16x16 patch with a Conv3d whose kernel is its stride: every output is one
+    patch's pixels times the kernel. On CPUs PyTorch runs that convolution 10-50x slower than the
+    same product as a matmul (1.5 s of a 1024x768 image's prefill in bfloat16 on one core, measured:
+    bench/README.md), so an input of exactly one kernel per patch goes through F.linear instead.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - Conv3d's own name
+        if input.dim() == 5 and tuple(input.shape[2:]) == tuple(self.kernel_size):
+            flat = F.linear(input.flatten(1), self.weight.flatten(1), self.bias)
+            return flat.view(input.shape[0], self.out_channels, 1, 1, 1)
+        result: torch.Tensor = super().forward(input)
+        return result
+
+
+def route_patch_embedding(model: torch.nn.Module) -> int:
+    """Make every patch-embedding Conv3d of `model` (kernel = stride, no padding) a PatchEmbedding."""
+    converted = 0
+    for module in model.modules():
+        if (
+            type(module) is torch.nn.Conv3d
+            and tuple(module.kernel_size) == tuple(module.stride)
+            and tuple(module.padding) == (0, 0, 0)
+            and tuple(module.dilation) == (1, 1, 1)
+            and module.groups == 1
+        ):
+            module.__class__ = PatchEmbedding
+            converted += 1
+    return converted
 
 
 def compile_forward(model: Any) -> None:
@@ -113,6 +147,7 @@ class QwenVLEngine:
         engine.model = model.eval()
         engine.processor = engine.configure_processor(processor)
         device = model.device.type
+        route_patch_embedding(model)
         engine._route_decode_matmuls(model)
         engine.decoder = engine._invariant_decoder(model)
         engine.info = EngineInfo(
@@ -161,6 +196,7 @@ class QwenVLEngine:
         if getattr(model, "hf_device_map", None) is None and not settings.quantization:
             model = model.to(device)
         model.eval()
+        route_patch_embedding(model)
         self._route_decode_matmuls(model)
         if settings.torch_compile:
             compile_forward(model)

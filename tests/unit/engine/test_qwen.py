@@ -364,3 +364,19 @@ def test_torch_compile_compiles_the_forward_generate_runs(tiny_model, monkeypatc
     with torch.inference_mode():
         peft_model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert compiled_calls and set(compiled_calls) == {"Qwen3VLForConditionalGeneration.forward"}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_patch_embedding_is_a_matmul_computing_what_the_convolution_does(dtype, request):
+    """The vision encoder's Conv3d patch embedding, swapped at load for the same product as F.linear."""
+    from consumer.engine.qwen import PatchEmbedding
+
+    engine = engine_in(dtype, request)
+    embedding = engine.model.model.visual.patch_embed.proj
+    assert type(embedding) is PatchEmbedding
+    patches = torch.randn(40, *embedding.weight.shape[1:2], *embedding.kernel_size).to(embedding.weight.dtype)
+    with torch.inference_mode():
+        as_matmul = embedding(patches)
+        as_convolution = torch.nn.Conv3d.forward(embedding, patches)
+    tolerance = 1e-5 if dtype == "float32" else 2e-2
+    torch.testing.assert_close(as_matmul, as_convolution, atol=tolerance, rtol=tolerance)

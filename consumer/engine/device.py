@@ -9,7 +9,7 @@ from typing import Literal
 
 import torch
 
-from consumer.engine.invariant import RowBlocks
+from consumer.engine.invariant import Kernel, RowBlocks
 
 logger = logging.getLogger(__name__)
 
@@ -170,8 +170,10 @@ def default_batch_size(device: str, flavour: CpuFlavour | None = None, dtype: to
 _BF16_BATCH: dict[CpuFlavour, int] = {"amx": 16, "avx512-bf16": 16}
 """default_batch_size for bfloat16 on CPUs that compute it natively (bench/README.md, engine section)."""
 
-_BF16_DECODE_ROWS: dict[CpuFlavour, int] = {"amx": 16, "avx512-bf16": 16, "avx2": 16}
-"""decode_row_blocks for bfloat16 on CPUs: the fixed row count of every decode matmul (bench/README.md)."""
+BF16_DECODE_ROWS = 16
+"""decode_row_blocks for bfloat16 on CPUs: the row count of every decode matmul. On the AMX CPU a decode
+step over 16 rows cost what one over 1 row did (weights read at memory speed either way) and 32 rows
+cost more; as avx512-bf16, 8 rows made batch 1 faster and batch 16 slower (bench/README.md)."""
 
 
 def decode_row_blocks(
@@ -184,23 +186,29 @@ def decode_row_blocks(
     """How many rows each decode-step matmul runs on under BATCH_INVARIANT (consumer/engine/invariant.py).
 
     A kernel sums a row in an order it picks by the number of rows it is given; a row's result is the
-    same for every row count within one choice. `bench.cpu_kernels` measures which counts share one:
-    - float32 on oneDNN (`onednn`: DECODE_MATMUL allows it, and this PyTorch has it): every count from 2
-      to 256 sums alike (1 row is a matrix-vector kernel of its own), so a lone row is padded to 2 and a
-      batch of up to 256 runs as it is: a batch-32 step costs what it did before;
-    - bfloat16 (oneDNN's AMX or AVX-512 kernels) picks its blocking anew at almost every row count, and
-      so does everything else measured: calls run on exactly `_BF16_DECODE_ROWS` rows (padded, or split);
+    same for every row count within one choice. `python -m bench.cpu_kernels` (invariance section)
+    measures which counts share one. `onednn`: DECODE_MATMUL lets oneDNN run on this CPU.
+    - float32 on oneDNN: every count from 2 to 256 sums alike (1 row is a matrix-vector kernel of its
+      own), so a lone row is padded to 2 and a batch of up to 256 runs as it is: a batch-32 step costs
+      what it did before;
+    - bfloat16 picks its blocking anew at almost every row count, in every kernel measured: calls run
+      on exactly BF16_DECODE_ROWS rows (padded, or split), on oneDNN with prepacked weights where the
+      CPU has bfloat16 instructions (without them oneDNN cannot pack bfloat16; PyTorch's kernel runs);
+    - anything else on a CPU: exactly 16 rows, PyTorch's kernel;
     - GPUs: exactly 64 rows (cuBLAS picks kernels by shape; not measured here: no GPU was available).
     `rows`, when given (DECODE_ROWS), fixes the count for any device and dtype.
     """
+    native_bf16 = device == "cpu" and dtype == torch.bfloat16 and cpu_has_native_bf16(flavour)
     if rows is not None:
-        return RowBlocks(rows, rows, "onednn" if onednn else "default")
+        kernel: Kernel = "packed" if onednn and native_bf16 else "onednn" if onednn else "default"
+        return RowBlocks(rows, rows, kernel)
     if device != "cpu":
         return RowBlocks(64, 64)
     if dtype == torch.float32 and onednn:
         return RowBlocks(2, 256, "onednn")
-    fixed = _BF16_DECODE_ROWS[flavour or cpu_flavour()] if dtype == torch.bfloat16 else 16
-    return RowBlocks(fixed, fixed)
+    if dtype == torch.bfloat16:
+        return RowBlocks(BF16_DECODE_ROWS, BF16_DECODE_ROWS, "packed" if onednn and native_bf16 else "default")
+    return RowBlocks(16, 16)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

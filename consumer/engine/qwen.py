@@ -257,9 +257,8 @@ class QwenVLEngine:
         if not self.settings.batch_invariant:
             return None
         device = model.device.type
-        onednn_usable = (
-            device == "cpu" and self.settings.decode_matmul != "default" and self._onednn_unusable(model) is None
-        )
+        # oneDNN unless DECODE_MATMUL=default; TORCH_COMPILE leaves the decode alone (it compiles prefill only).
+        onednn_usable = device == "cpu" and self.settings.decode_matmul != "default" and onednn.available()
         blocks = decode_row_blocks(
             device, model.dtype, self._flavour(device), onednn=onednn_usable, rows=self.settings.decode_rows
         )

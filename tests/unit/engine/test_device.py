@@ -202,9 +202,11 @@ def test_an_importable_but_unusable_flash_attn_is_not_chosen(machine, monkeypatc
     "device, dtype, flavour, onednn, expected",
     [
         ("cpu", torch.float32, "avx2", True, RowBlocks(2, 256, "onednn")),
-        ("cpu", torch.float32, "amx", False, RowBlocks(16, 16)),
+        ("cpu", torch.float32, "amx", False, RowBlocks(16, 16)),  # DECODE_MATMUL=default
+        ("cpu", torch.bfloat16, "amx", True, RowBlocks(16, 16, "packed")),
+        ("cpu", torch.bfloat16, "avx512-bf16", True, RowBlocks(16, 16, "packed")),
+        ("cpu", torch.bfloat16, "avx2", True, RowBlocks(16, 16)),  # oneDNN cannot pack emulated bfloat16
         ("cpu", torch.bfloat16, "amx", False, RowBlocks(16, 16)),
-        ("cpu", torch.bfloat16, "avx512-bf16", False, RowBlocks(16, 16)),
         ("cuda", torch.bfloat16, None, False, RowBlocks(64, 64)),
     ],
 )
@@ -214,6 +216,7 @@ def test_decode_row_blocks_per_device_dtype_and_flavour(device, dtype, flavour, 
 
 def test_decode_rows_fixes_the_row_count_anywhere():
     assert decode_row_blocks("cpu", torch.float32, "avx2", onednn=True, rows=8) == RowBlocks(8, 8, "onednn")
+    assert decode_row_blocks("cpu", torch.bfloat16, "amx", onednn=True, rows=8) == RowBlocks(8, 8, "packed")
     assert decode_row_blocks("cuda", torch.bfloat16, None, rows=32) == RowBlocks(32, 32)
 
 

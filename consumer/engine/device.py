@@ -170,10 +170,16 @@ def default_batch_size(device: str, flavour: CpuFlavour | None = None, dtype: to
 _BF16_BATCH: dict[CpuFlavour, int] = {"amx": 16, "avx512-bf16": 16}
 """default_batch_size for bfloat16 on CPUs that compute it natively (bench/README.md, engine section)."""
 
-BF16_DECODE_ROWS = 16
-"""decode_row_blocks for bfloat16 on CPUs: the row count of every decode matmul. On the AMX CPU a decode
-step over 16 rows cost what one over 1 row did (weights read at memory speed either way) and 32 rows
-cost more; as avx512-bf16, 8 rows made batch 1 faster and batch 16 slower (bench/README.md)."""
+BF16_DECODE_ROWS: dict[CpuFlavour, int] = {"amx": 16, "avx512-bf16": 8, "avx2": 16}
+"""decode_row_blocks for bfloat16 on CPUs: the row count of every decode matmul, per flavour.
+
+A block's weights are read once whatever its rows, so more rows serve a batch with fewer passes over
+the weights, while a block's arithmetic grows with its rows and is paid even for padding. The balance
+is where multiplying a block takes as long as reading its weights: about rate / bandwidth rows (a
+decode step does 2 FLOP per weight and row, and a bfloat16 weight is 2 bytes). AMX (this project's
+Xeon: 0.8-2 TFLOP/s, 20-23 GB/s): 16 rows cost about what 1 does, 32 cost more (bench/README.md).
+AVX512-BF16 (the issue's EPYC: 419 GFLOP/s, about 50 GB/s; imitated on the Xeon: 131 GFLOP/s, 20 GB/s):
+about 8. avx2 emulates bfloat16 (TORCH_DTYPE=auto picks float32 there): 16, unmeasured."""
 
 
 def decode_row_blocks(
@@ -192,8 +198,8 @@ def decode_row_blocks(
       own), so a lone row is padded to 2 and a batch of up to 256 runs as it is: a batch-32 step costs
       what it did before;
     - bfloat16 picks its blocking anew at almost every row count, in every kernel measured: calls run
-      on exactly BF16_DECODE_ROWS rows (padded, or split), on oneDNN with prepacked weights where the
-      CPU has bfloat16 instructions (without them oneDNN cannot pack bfloat16; PyTorch's kernel runs);
+      on exactly BF16_DECODE_ROWS[flavour] rows (padded, or split), on oneDNN with prepacked weights
+      where the CPU has bfloat16 instructions (without them oneDNN cannot pack bfloat16);
     - anything else on a CPU: exactly 16 rows, PyTorch's kernel;
     - GPUs: exactly 64 rows (cuBLAS picks kernels by shape; not measured here: no GPU was available).
     `rows`, when given (DECODE_ROWS), fixes the count for any device and dtype.
@@ -207,7 +213,8 @@ def decode_row_blocks(
     if dtype == torch.float32 and onednn:
         return RowBlocks(2, 256, "onednn")
     if dtype == torch.bfloat16:
-        return RowBlocks(BF16_DECODE_ROWS, BF16_DECODE_ROWS, "packed" if onednn and native_bf16 else "default")
+        fixed = BF16_DECODE_ROWS[flavour or cpu_flavour()]
+        return RowBlocks(fixed, fixed, "packed" if onednn and native_bf16 else "default")
     return RowBlocks(16, 16)
 
 

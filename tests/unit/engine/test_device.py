@@ -204,7 +204,7 @@ def test_an_importable_but_unusable_flash_attn_is_not_chosen(machine, monkeypatc
         ("cpu", torch.float32, "avx2", True, RowBlocks(2, 256, "onednn")),
         ("cpu", torch.float32, "amx", False, RowBlocks(16, 16)),  # DECODE_MATMUL=default
         ("cpu", torch.bfloat16, "amx", True, RowBlocks(16, 16, "packed")),
-        ("cpu", torch.bfloat16, "avx512-bf16", True, RowBlocks(16, 16, "packed")),
+        ("cpu", torch.bfloat16, "avx512-bf16", True, RowBlocks(8, 8, "packed")),
         ("cpu", torch.bfloat16, "avx2", True, RowBlocks(16, 16)),  # oneDNN cannot pack emulated bfloat16
         ("cpu", torch.bfloat16, "amx", False, RowBlocks(16, 16)),
         ("cuda", torch.bfloat16, None, False, RowBlocks(64, 64)),

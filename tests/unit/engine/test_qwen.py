@@ -374,9 +374,12 @@ def test_the_patch_embedding_is_a_matmul_computing_what_the_convolution_does(dty
     engine = engine_in(dtype, request)
     embedding = engine.model.model.visual.patch_embed.proj
     assert type(embedding) is PatchEmbedding
-    patches = torch.randn(40, *embedding.weight.shape[1:2], *embedding.kernel_size).to(embedding.weight.dtype)
+    generator = torch.Generator().manual_seed(0)
+    shape = (40, *embedding.weight.shape[1:2], *embedding.kernel_size)
+    patches = torch.randn(shape, generator=generator).to(embedding.weight.dtype)
     with torch.inference_mode():
         as_matmul = embedding(patches)
         as_convolution = torch.nn.Conv3d.forward(embedding, patches)
-    tolerance = 1e-5 if dtype == "float32" else 2e-2
+    # The same sums in another order: float32 rounding over 1,536 products, or bfloat16's 8-bit mantissa.
+    tolerance = 1e-4 if dtype == "float32" else 2e-2
     torch.testing.assert_close(as_matmul, as_convolution, atol=tolerance, rtol=tolerance)

@@ -205,17 +205,20 @@ def decode_row_blocks(
     `rows`, when given (DECODE_ROWS), fixes the count for any device and dtype.
     """
     native_bf16 = device == "cpu" and dtype == torch.bfloat16 and cpu_has_native_bf16(flavour)
+    # oneDNN multiplies float32 on every CPU, bfloat16 only where the CPU has its instructions.
+    kernel: Kernel = (
+        "packed" if onednn and native_bf16 else "onednn" if onednn and dtype == torch.float32 else "default"
+    )
     if rows is not None:
-        kernel: Kernel = "packed" if onednn and native_bf16 else "onednn" if onednn else "default"
         return RowBlocks(rows, rows, kernel)
     if device != "cpu":
         return RowBlocks(64, 64)
-    if dtype == torch.float32 and onednn:
-        return RowBlocks(2, 256, "onednn")
+    if kernel == "onednn":
+        return RowBlocks(2, 256, kernel)
     if dtype == torch.bfloat16:
         fixed = BF16_DECODE_ROWS[flavour or cpu_flavour()]
-        return RowBlocks(fixed, fixed, "packed" if onednn and native_bf16 else "default")
-    return RowBlocks(16, 16)
+        return RowBlocks(fixed, fixed, kernel)
+    return RowBlocks(16, 16, kernel)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

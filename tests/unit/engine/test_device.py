@@ -218,6 +218,8 @@ def test_decode_rows_fixes_the_row_count_anywhere():
     assert decode_row_blocks("cpu", torch.float32, "avx2", onednn=True, rows=8) == RowBlocks(8, 8, "onednn")
     assert decode_row_blocks("cpu", torch.bfloat16, "amx", onednn=True, rows=8) == RowBlocks(8, 8, "packed")
     assert decode_row_blocks("cuda", torch.bfloat16, None, rows=32) == RowBlocks(32, 32)
+    # Emulated bfloat16: oneDNN has no bfloat16 kernel there, so the fixed count runs on PyTorch's.
+    assert decode_row_blocks("cpu", torch.bfloat16, "avx2", onednn=True, rows=3) == RowBlocks(3, 3, "default")
 
 
 @pytest.mark.parametrize(

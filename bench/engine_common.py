@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -39,10 +40,23 @@ def results_dir() -> Path:
     return directory
 
 
-def write_json(name: str, payload: dict) -> Path:
-    path = results_dir() / name
+def write_json(name: str, payload: dict, directory: Path | None = None) -> Path:
+    """`payload` as `name` in `directory` (created if missing), else in results_dir()."""
+    if directory is not None:
+        directory.mkdir(parents=True, exist_ok=True)
+    path = (directory or results_dir()) / name
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+def command_line(module: str, argv: list[str] | None) -> str:
+    """How this run was started, with the variables that choose the CPU flavour it ran as."""
+    arguments = " ".join(sys.argv[1:] if argv is None else argv)
+    capped = " ".join(f"{name}={os.environ[name]}" for name in FLAVOUR_VARIABLES if name in os.environ)
+    return " ".join(part for part in (capped, module, arguments) if part)
+
+
+FLAVOUR_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
 
 
 def machine_description() -> dict:

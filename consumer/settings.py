@@ -78,17 +78,33 @@ class Settings(BaseSettings):
     image_max_pixels: int = Field(1024 * 32 * 32, ge=32 * 32)
     """Images are downscaled to at most this many pixels: 1,048,576 = at most 1024 visual tokens."""
     torch_compile: bool = False
+    """torch.compile(dynamic=True) of the model's forward (for a PeftModel, of the model beneath it). Under
+    BATCH_INVARIANT that forward is the per-image prefill; the decode steps run uncompiled."""
     kv_cache: Literal["auto", "static", "dynamic"] = "auto"
-    """KV cache during generation: static (preallocated, updated in place, attention reading only the
+    """BATCH_INVARIANT=false only (the invariant decoder keeps one preallocated cache per image). KV
+    cache during generation: static (preallocated, updated in place, attention reading only the
     filled part: consumer/engine/kv_cache.py) or dynamic (grown by concatenation every step). auto:
     static on cpu, where copying a growing cache each step cost more than the attention itself
     (bench/engine_cpu.py); dynamic elsewhere until measured on a GPU."""
     decode_matmul: Literal["auto", "onednn", "default"] = "auto"
-    """How float32 CPU linear layers multiply few rows (a decode step: one row per image): onednn
-    sends calls of up to 128 rows to oneDNN, 1.1-2.3x faster than PyTorch's default GEMM there
-    (consumer/engine/onednn.py); default leaves every call to PyTorch. auto: onednn on cpu in float32
-    unless TORCH_COMPILE is on (torch.compile cannot lower it and picks its own kernels)."""
+    """Whether CPU matmuls may run on oneDNN where PyTorch's default kernel was measured slower. auto:
+    float32 linear layers send calls of up to 128 rows to oneDNN, 1.1-2.3x faster than PyTorch's GEMM
+    there (consumer/engine/onednn.py; not with TORCH_COMPILE, which cannot lower it), and
+    BATCH_INVARIANT's decode runs float32 on oneDNN and bfloat16 on weights prepacked for oneDNN
+    (consumer/engine/invariant.py). default: PyTorch's kernels everywhere. onednn: as auto, but refuse
+    to start where the float32 routing cannot apply."""
     quantization: Literal["int8", "4bit"] | None = None
+    batch_invariant: bool = True
+    """true: an image's description depends on that image and the prompt alone, never on what shares its
+    batch or in which order, in float32 and bfloat16 alike, so a redelivered event gets the text it got
+    before (on the same hardware, dtype and settings). Each image is prefilled on its own and decoded
+    with attention over its own cache only and matmuls of a fixed row count (consumer/engine/invariant.py).
+    false: batches run left-padded through transformers' generate, which gives up that guarantee: in
+    bfloat16 an image's text can change with its batch. bench/README.md gives what each costs."""
+    decode_rows: int | None = Field(None, ge=1, le=256)
+    """BATCH_INVARIANT only: every decode-step matmul runs on exactly this many rows (padded or split).
+    Unset: chosen per device, dtype and CPU flavour (consumer/engine/device.py decode_row_blocks).
+    Replicas that must agree on a text must agree on it: another row count rounds differently."""
     batch_size: int | None = Field(None, ge=1, le=256)
     """Images per generate call at most. Unset: the engine's default for its device (16 on a CPU, 8
     elsewhere: consumer/engine/device.py default_batch_size)."""

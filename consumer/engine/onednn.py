@@ -10,7 +10,7 @@ choice is made per call by the number of rows.
 
 Nothing is copied or repacked: the weights stay the model's own tensors, so memory is unchanged, and
 the result is the same product in another summation order (differences of float32 rounding, checked
-by tests/unit/test_engine.py on the generated text).
+by tests/unit/engine/test_qwen.py on the generated text).
 """
 
 from __future__ import annotations

@@ -3,7 +3,10 @@
 Load once: base model from BASE_MODEL_ID (hub id or local directory), the LoRA adapter from
 ADAPTER_PATH merged into the weights (no per-token adapter cost), the processor from the adapter
 directory where it carries one (the old service did this), else from the base model. Generation is
-greedy and batched with left padding, which gives the same text as one image at a time.
+greedy. By default (BATCH_INVARIANT) each image's text depends on that image and its prompt alone,
+in every dtype: consumer/engine/invariant.py. With BATCH_INVARIANT=false a batch goes through
+transformers' generate with left padding, which in float32 gave the same text as one image at a
+time and in bfloat16 did not.
 
 The processor's work is split in two so the per-image part can run off the model thread:
 `prepare_image` resizes, normalises and patchifies one image (what the image processor does), and
@@ -19,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from consumer.engine import onednn
@@ -30,7 +34,17 @@ from consumer.engine.base import (
     GenerationRequest,
     ImageFeatures,
 )
-from consumer.engine.device import default_batch_size, dtype_name, resolve_device, resolve_dtype
+from consumer.engine.device import (
+    CpuFlavour,
+    attention_implementation,
+    cpu_flavour,
+    decode_row_blocks,
+    default_batch_size,
+    dtype_name,
+    resolve_device,
+    resolve_dtype,
+)
+from consumer.engine.invariant import InvariantDecoder
 from consumer.engine.kv_cache import FilledStaticCache
 
 if TYPE_CHECKING:
@@ -42,6 +56,51 @@ ADAPTER_FILES = ("adapter_config.json",)
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+
+
+class PatchEmbedding(torch.nn.Conv3d):
+    """The vision encoder's patch embedding as the matrix multiply it is.
+
+    Qwen3-VL embeds each 2x16x16 patch with a Conv3d whose kernel is its stride: every output is one
+    patch's pixels times the kernel. On CPUs PyTorch runs that convolution 10-50x slower than the
+    same product as a matmul (1.5 s of a 1024x768 image's prefill in bfloat16 on one core, measured:
+    bench/README.md), so an input of exactly one kernel per patch goes through F.linear instead.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - Conv3d's own name
+        if input.dim() == 5 and tuple(input.shape[2:]) == tuple(self.kernel_size):
+            flat = F.linear(input.flatten(1), self.weight.flatten(1), self.bias)
+            return flat.view(input.shape[0], self.out_channels, 1, 1, 1)
+        result: torch.Tensor = super().forward(input)
+        return result
+
+
+def route_patch_embedding(model: torch.nn.Module) -> int:
+    """Make every patch-embedding Conv3d of `model` (kernel = stride, no padding) a PatchEmbedding."""
+    converted = 0
+    for module in model.modules():
+        if (
+            type(module) is torch.nn.Conv3d
+            and tuple(module.kernel_size) == tuple(module.stride)
+            and tuple(module.padding) == (0, 0, 0)
+            and tuple(module.dilation) == (1, 1, 1)
+            and module.groups == 1
+        ):
+            module.__class__ = PatchEmbedding
+            converted += 1
+    return converted
+
+
+def compile_forward(model: Any) -> None:
+    """TORCH_COMPILE: compile the forward that generation calls, in place.
+
+    With QUANTIZATION the adapter stays unmerged and `model` is a PeftModel; its generate hands over to
+    the underlying transformers model, whose own forward runs every step. PeftModel.forward is never
+    called there, so compiling it (as this did) compiled nothing that ran.
+    """
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    logger.info("TORCH_COMPILE=1: compiling %s.forward (first batches will be slow)", type(target).__name__)
+    target.forward = torch.compile(target.forward, dynamic=True)
 
 
 def adapter_present(adapter_path: Path) -> bool:
@@ -78,6 +137,8 @@ class QwenVLEngine:
         """Set by `load` (or `from_model`)."""
         self.model: Any = None
         self.processor: Any = None
+        self.decoder: InvariantDecoder | None = None
+        """Set at load unless BATCH_INVARIANT=false."""
 
     @classmethod
     def from_model(cls, settings: Settings, model: Any, processor: Any) -> QwenVLEngine:
@@ -86,7 +147,9 @@ class QwenVLEngine:
         engine.model = model.eval()
         engine.processor = engine.configure_processor(processor)
         device = model.device.type
+        route_patch_embedding(model)
         engine._route_decode_matmuls(model)
+        engine.decoder = engine._invariant_decoder(model)
         engine.info = EngineInfo(
             model=settings.base_model_id,
             adapter=None,
@@ -94,7 +157,7 @@ class QwenVLEngine:
             dtype=dtype_name(model.dtype),
             backend="transformers",
             model_load_time=0.0,
-            default_batch_size=default_batch_size(device),
+            default_batch_size=default_batch_size(device, engine._flavour(device), model.dtype),
         )
         return engine
 
@@ -115,7 +178,7 @@ class QwenVLEngine:
             model = AutoModelForImageTextToText.from_pretrained(
                 settings.base_model_id,
                 dtype=dtype,
-                attn_implementation=self._attention_implementation(device),
+                attn_implementation=attention_implementation(device, dtype),
                 token=token,
                 **self._quantization_kwargs(device),
             )
@@ -133,11 +196,12 @@ class QwenVLEngine:
         if getattr(model, "hf_device_map", None) is None and not settings.quantization:
             model = model.to(device)
         model.eval()
+        route_patch_embedding(model)
         self._route_decode_matmuls(model)
         if settings.torch_compile:
-            logger.info("TORCH_COMPILE=1: compiling the model's forward (first batches will be slow)")
-            model.forward = torch.compile(model.forward, dynamic=True)
+            compile_forward(model)
         self.model = model
+        self.decoder = self._invariant_decoder(model)
         self.processor = self._load_processor(adapter_path, token)
         self.info = EngineInfo(
             model=settings.base_model_id,
@@ -146,7 +210,7 @@ class QwenVLEngine:
             dtype=dtype_name(dtype),
             backend="transformers",
             model_load_time=round(time.perf_counter() - started, 3),
-            default_batch_size=default_batch_size(device),
+            default_batch_size=default_batch_size(device, self._flavour(device), dtype),
         )
         logger.info("model ready in %.2f s (adapter: %s)", self.info.model_load_time, adapter)
         return self.info
@@ -185,15 +249,21 @@ class QwenVLEngine:
             )
         return None
 
-    def _attention_implementation(self, device: str) -> str:
-        if device == "cuda":
-            try:
-                import flash_attn  # noqa: F401
+    def _flavour(self, device: str) -> CpuFlavour | None:
+        return cpu_flavour() if device == "cpu" else None
 
-                return "flash_attention_2"
-            except ImportError:
-                pass
-        return "sdpa"
+    def _invariant_decoder(self, model: Any) -> InvariantDecoder | None:
+        """BATCH_INVARIANT: the decoder, its row blocks resolved for this device, dtype and CPU."""
+        if not self.settings.batch_invariant:
+            return None
+        device = model.device.type
+        # oneDNN unless DECODE_MATMUL=default; TORCH_COMPILE leaves the decode alone (it compiles prefill only).
+        onednn_usable = device == "cpu" and self.settings.decode_matmul != "default" and onednn.available()
+        blocks = decode_row_blocks(
+            device, model.dtype, self._flavour(device), onednn=onednn_usable, rows=self.settings.decode_rows
+        )
+        logger.info("BATCH_INVARIANT: every decode-step matmul runs on %s", blocks.describe())
+        return InvariantDecoder(model, blocks)
 
     def _quantization_kwargs(self, device: str) -> dict[str, Any]:
         mode = self.settings.quantization
@@ -264,9 +334,37 @@ class QwenVLEngine:
         started = time.perf_counter()
         image = Image.new("RGB", (256, 192), "white")
         self.generate([GenerationRequest(image=image, prompt="Warm-up.")], max_new_tokens=2)
+        if self.decoder is not None:
+            self._check_batch_invariance(self.decoder)
         seconds = round(time.perf_counter() - started, 3)
         logger.info("warm-up generation done in %.2f s", seconds)
         return seconds
+
+    @torch.inference_mode()
+    def _check_batch_invariance(self, decoder: InvariantDecoder, steps: int = 3) -> None:
+        """Refuse to serve where this machine's kernels break BATCH_INVARIANT's promise.
+
+        Three small images decoded together for a few steps must give the first image's logits bit for bit
+        as decoding it alone does. The promise rests on measured kernel behaviour (consumer/engine/invariant.py
+        RowBlocks); a CPU or library that computes differently fails here, at start, rather than in results.
+        """
+        images = [
+            Image.new("RGB", (256, 192), "white"),
+            Image.new("RGB", (192, 320), "black"),
+            Image.new("RGB", (320, 256), (40, 90, 200)),
+        ]
+        prompts = [self._on_device(self.collate([GenerationRequest(image, "Warm-up.")])) for image in images]
+        alone = decoder.trace(prompts[:1], steps)[0]
+        together = decoder.trace(prompts, steps)[0]
+        if not torch.equal(alone, together):
+            raise EngineLoadError(
+                f"BATCH_INVARIANT: on this machine a row's logits change with its batch (decode rows: "
+                f"{decoder.blocks.describe()}; largest difference "
+                f"{(alone - together).abs().max().item():.3g}); set DECODE_ROWS to a row count whose kernel "
+                "sums the same way for every batch (python -m bench.cpu_kernels measures it), or BATCH_INVARIANT=false "
+                "to give up the guarantee"
+            )
+        logger.info("BATCH_INVARIANT: checked (one image alone and in a batch of 3: identical logits)")
 
     def prompt_text(self, prompt: str) -> str:
         """The exact text the model sees for one image (chat template applied)."""
@@ -319,10 +417,34 @@ class QwenVLEngine:
         started = time.perf_counter()
         if not requests:
             return GenerationBatch([], 0.0)
-        device = self.model.device
-        inputs = {name: tensor.to(device) for name, tensor in self.collate(requests).items()}
-        preprocess_seconds = time.perf_counter() - started
         max_new_tokens = max_new_tokens or self.settings.max_new_tokens
+        if self.decoder is not None:
+            # One unpadded sequence per image: nothing of one row's inputs depends on another's.
+            prompts = [self._on_device(self.collate([request])) for request in requests]
+            preprocess_seconds = time.perf_counter() - started
+            rows = self.decoder.generate(prompts, max_new_tokens, self._eos_ids(), self._repetition_penalty())
+        else:
+            inputs = self._on_device(self.collate(requests))
+            preprocess_seconds = time.perf_counter() - started
+            rows = self._generate_padded(inputs, max_new_tokens)
+        tokenizer = self.processor.tokenizer
+        special = {tokenizer.pad_token_id, *self._eos_ids()}
+        generations = []
+        for row in rows:
+            produced = 0
+            for token_id in row:
+                produced += 1
+                if token_id in special:
+                    break
+            text = tokenizer.decode(row, skip_special_tokens=True).strip()
+            generations.append(Generation(text=text, output_tokens=produced))
+        return GenerationBatch(generations, time.perf_counter() - started, preprocess_seconds)
+
+    def _on_device(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {name: tensor.to(self.model.device) for name, tensor in inputs.items()}
+
+    def _generate_padded(self, inputs: dict[str, torch.Tensor], max_new_tokens: int) -> list[list[int]]:
+        """BATCH_INVARIANT=false: the left-padded batch through transformers' generate; new tokens per row."""
         output = self.model.generate(
             **inputs,
             **self._cache_kwargs(inputs["input_ids"].shape[1] + max_new_tokens),
@@ -335,19 +457,8 @@ class QwenVLEngine:
             # whose batch shapes vary would recompile constantly, so only TORCH_COMPILE opts in.
             disable_compile=not self.settings.torch_compile,
         )
-        new_tokens = output[:, inputs["input_ids"].shape[1] :]
-        tokenizer = self.processor.tokenizer
-        special = {tokenizer.pad_token_id, *self._eos_ids()}
-        generations = []
-        for row in new_tokens.tolist():
-            produced = 0
-            for token_id in row:
-                produced += 1
-                if token_id in special:
-                    break
-            text = tokenizer.decode(row, skip_special_tokens=True).strip()
-            generations.append(Generation(text=text, output_tokens=produced))
-        return GenerationBatch(generations, time.perf_counter() - started, preprocess_seconds)
+        rows: list[list[int]] = output[:, inputs["input_ids"].shape[1] :].tolist()
+        return rows
 
     def kv_cache_implementation(self) -> str:
         """KV_CACHE resolved for the device the model runs on ("static" or "dynamic")."""
@@ -367,6 +478,10 @@ class QwenVLEngine:
             return {"cache_implementation": "static"}
         text_config = self.model.config.get_text_config(decoder=True)
         return {"cache": FilledStaticCache(config=text_config, max_cache_len=max_length)}
+
+    def _repetition_penalty(self) -> float:
+        penalty = getattr(self.model.generation_config, "repetition_penalty", None)
+        return 1.0 if penalty is None else float(penalty)
 
     def _eos_ids(self) -> set[int]:
         eos = self.model.generation_config.eos_token_id

@@ -8,7 +8,17 @@ import pytest
 import torch
 
 from consumer.engine import device as device_module
-from consumer.engine.device import cpu_flags, cpu_flavour, cpu_has_native_bf16, resolve_device, resolve_dtype
+from consumer.engine.device import (
+    attention_implementation,
+    cpu_flags,
+    cpu_flavour,
+    cpu_has_native_bf16,
+    decode_row_blocks,
+    default_batch_size,
+    resolve_device,
+    resolve_dtype,
+)
+from consumer.engine.invariant import RowBlocks
 
 # The flags lines of the three CPU flavours this project runs on (trimmed /proc/cpuinfo).
 AVX2_FLAGS = "flags\t\t: fpu sse2 fma avx avx2 f16c\n"
@@ -21,9 +31,23 @@ FLAVOURS = {"avx2": AVX2_FLAGS, "avx512-bf16": AVX512_BF16_FLAGS, "amx": AMX_FLA
 def machine(monkeypatch):
     """Pretend the machine has the given accelerators: `machine(cuda=True, mps=False)`."""
 
-    def configure(cuda: bool = False, mps: bool = False, bf16_gpu: bool = True, bf16_cpu: bool = False) -> None:
+    def configure(
+        cuda: bool = False,
+        mps: bool = False,
+        bf16_gpu: bool = True,
+        bf16_cpu: bool = False,
+        emulated_bf16_gpu: bool = True,
+        capability: tuple[int, int] = (9, 0),
+    ) -> None:
+        """bf16_gpu: bfloat16 in hardware; emulated_bf16_gpu: what PyTorch says when emulation counts."""
+
+        def is_bf16_supported(including_emulation: bool = True) -> bool:
+            # torch.cuda.is_bf16_supported's own answer: emulation counts unless asked not to.
+            return bf16_gpu or (including_emulation and emulated_bf16_gpu)
+
         monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16_gpu)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: capability)
         monkeypatch.setattr(device_module, "_mps_available", lambda: mps)
         monkeypatch.setattr(device_module, "cpu_flavour", lambda: "amx" if bf16_cpu else "avx2")
 
@@ -102,7 +126,7 @@ def test_auto_dtype_on_each_cpu_flavour(flavour, expected):
 def test_auto_dtype_per_device(machine):
     machine(cuda=True, bf16_gpu=True, bf16_cpu=False)
     assert resolve_dtype("auto", "cuda") == torch.bfloat16
-    machine(cuda=True, bf16_gpu=False)
+    machine(cuda=True, bf16_gpu=False, emulated_bf16_gpu=False)
     assert resolve_dtype("auto", "cuda") == torch.float16
     assert resolve_dtype("auto", "mps") == torch.float16
     machine(bf16_cpu=True)
@@ -124,9 +148,87 @@ def test_explicit_dtype_is_honoured_with_a_warning_where_slow(machine, caplog):
 
 
 def test_bfloat16_on_a_gpu_without_it_is_refused(machine):
-    machine(cuda=True, bf16_gpu=False)
-    with pytest.raises(ValueError, match="no bfloat16 support; use float16 or auto"):
+    machine(cuda=True, bf16_gpu=False, emulated_bf16_gpu=False)
+    with pytest.raises(ValueError, match="no bfloat16 units .* use float16 or auto"):
         resolve_dtype("bfloat16", "cuda")
+
+
+def test_a_gpu_that_only_emulates_bfloat16_counts_as_without_it(machine):
+    """A T4 or V100 (compute capability 7.x): PyTorch emulates bfloat16 there, and calls it supported."""
+    machine(cuda=True, bf16_gpu=False, emulated_bf16_gpu=True, capability=(7, 5))
+    assert torch.cuda.is_bf16_supported()  # what the check used to ask, faked as such a GPU answers
+    assert resolve_dtype("auto", "cuda") == torch.float16
+    with pytest.raises(ValueError, match="no bfloat16 units"):
+        resolve_dtype("bfloat16", "cuda")
+    machine(cuda=True, bf16_gpu=True, capability=(8, 0))
+    assert resolve_dtype("auto", "cuda") == torch.bfloat16
+    assert resolve_dtype("bfloat16", "cuda") == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "device, dtype, flash_available, capability, expected",
+    [
+        ("cuda", torch.bfloat16, True, (8, 0), "flash_attention_2"),
+        ("cuda", torch.float16, True, (9, 0), "flash_attention_2"),
+        ("cuda", torch.float16, True, (7, 5), "sdpa"),  # FlashAttention 2 needs Ampere or newer
+        ("cuda", torch.float32, True, (9, 0), "sdpa"),  # and float16 or bfloat16
+        ("cuda", torch.bfloat16, False, (9, 0), "sdpa"),  # and a flash-attn transformers accepts
+        ("cpu", torch.bfloat16, True, (9, 0), "sdpa"),
+    ],
+)
+def test_flash_attention_only_where_it_runs(machine, monkeypatch, device, dtype, flash_available, capability, expected):
+    import transformers.utils
+
+    machine(cuda=True, capability=capability)
+    # transformers' own check: the flash-attn distribution, its version (>= 2.3.3), a CUDA PyTorch.
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: flash_available)
+    assert attention_implementation(device, dtype) == expected
+
+
+def test_an_importable_but_unusable_flash_attn_is_not_chosen(machine, monkeypatch):
+    """`import flash_attn` working is not enough (the old check): an old or foreign build is refused."""
+    import sys
+    import types
+
+    import transformers.utils
+
+    machine(cuda=True, capability=(9, 0))
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: False)
+    assert attention_implementation("cuda", torch.bfloat16) == "sdpa"
+
+
+@pytest.mark.parametrize(
+    "device, dtype, flavour, onednn, expected",
+    [
+        ("cpu", torch.float32, "avx2", True, RowBlocks(2, 256, "onednn")),
+        ("cpu", torch.float32, "amx", False, RowBlocks(16, 16)),  # DECODE_MATMUL=default
+        ("cpu", torch.bfloat16, "amx", True, RowBlocks(16, 16, "packed")),
+        ("cpu", torch.bfloat16, "avx512-bf16", True, RowBlocks(8, 8, "packed")),
+        ("cpu", torch.bfloat16, "avx2", True, RowBlocks(16, 16)),  # oneDNN cannot pack emulated bfloat16
+        ("cpu", torch.bfloat16, "amx", False, RowBlocks(16, 16)),
+        ("cuda", torch.bfloat16, None, False, RowBlocks(64, 64)),
+    ],
+)
+def test_decode_row_blocks_per_device_dtype_and_flavour(device, dtype, flavour, onednn, expected):
+    assert decode_row_blocks(device, dtype, flavour, onednn=onednn) == expected
+
+
+def test_decode_rows_fixes_the_row_count_anywhere():
+    assert decode_row_blocks("cpu", torch.float32, "avx2", onednn=True, rows=8) == RowBlocks(8, 8, "onednn")
+    assert decode_row_blocks("cpu", torch.bfloat16, "amx", onednn=True, rows=8) == RowBlocks(8, 8, "packed")
+    assert decode_row_blocks("cuda", torch.bfloat16, None, rows=32) == RowBlocks(32, 32)
+    # Emulated bfloat16: oneDNN has no bfloat16 kernel there, so the fixed count runs on PyTorch's.
+    assert decode_row_blocks("cpu", torch.bfloat16, "avx2", onednn=True, rows=3) == RowBlocks(3, 3, "default")
+
+
+@pytest.mark.parametrize(
+    "device, flavour, dtype, expected",
+    [("cpu", "avx2", torch.float32, 16), ("cpu", "amx", torch.bfloat16, 16), ("cpu", "amx", torch.float32, 16)],
+)
+def test_default_batch_size_per_flavour(device, flavour, dtype, expected):
+    assert default_batch_size(device, flavour, dtype) == expected
+    assert default_batch_size("cuda") == 8
 
 
 def test_refused_dtype_stops_the_engine_load(machine, tiny_model):
@@ -134,7 +236,7 @@ def test_refused_dtype_stops_the_engine_load(machine, tiny_model):
     from consumer.engine.qwen import QwenVLEngine
     from consumer.settings import Settings
 
-    machine(cuda=True, bf16_gpu=False)
+    machine(cuda=True, bf16_gpu=False, capability=(7, 0))
     settings = Settings.from_environ({}, base_model_id=str(tiny_model), device="cuda", torch_dtype="bfloat16")
-    with pytest.raises(EngineLoadError, match="no bfloat16 support"):
+    with pytest.raises(EngineLoadError, match="no bfloat16 units"):
         QwenVLEngine(settings).load()

@@ -169,6 +169,11 @@ class GenerationMetadata(BaseModel):
     model: str
     adapter: str | None = Field(description="the LoRA adapter path, or null when the base model ran alone")
     device: str
+    dtype: str | None = Field(
+        None,
+        description="the model's dtype (float32, bfloat16, float16): TORCH_DTYPE=auto picks it per device and CPU "
+        "flavour, and the same image gives the same text only on the same hardware, dtype and settings",
+    )
     output_tokens: int
 
 

@@ -125,6 +125,7 @@ class Records:
                 model=info.model,
                 adapter=info.adapter,
                 device=info.device,
+                dtype=info.dtype,
                 output_tokens=described.generation.output_tokens,
                 batch_size=described.batch_size,
                 source=Source(topic=origin.topic, partition=origin.partition, offset=origin.offset),

@@ -80,6 +80,7 @@ def make_infer_handler(
                 model=info.model,
                 adapter=info.adapter,
                 device=info.device,
+                dtype=info.dtype,
                 output_tokens=generation.output_tokens,
             ),
         )

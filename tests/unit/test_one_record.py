@@ -110,8 +110,9 @@ def no_broker(monkeypatch):
     monkeypatch.setattr(at_least_once, "COMMIT_INTERVAL_S", 0.02)
 
 
-def run_pipeline(guarantee: str, inputs: list[tuple[bytes | None, bytes | None, list[Any]]]) -> None:
-    config = Settings.from_environ(
+def property_settings(guarantee: str, **overrides: Any) -> Settings:
+    """The settings both properties run the pipeline with: small limits, no waiting."""
+    return Settings.from_environ(
         {"KAFKA_MESSAGE_MAX_BYTES": str(PRODUCER_MAX_BYTES)},
         input_topic=IN,
         output_topic=OUT,
@@ -120,7 +121,12 @@ def run_pipeline(guarantee: str, inputs: list[tuple[bytes | None, bytes | None, 
         max_event_bytes=MAX_EVENT_BYTES,
         batch_max_wait_ms=1,
         shutdown_timeout=5.0,
+        **overrides,
     )
+
+
+def run_pipeline(guarantee: str, inputs: list[tuple[bytes | None, bytes | None, list[Any]]]) -> None:
+    config = property_settings(guarantee)
     consumer = FakeConsumer(partitions={IN: 2})
     producer = FakeProducer(topic_limits=TOPIC_LIMITS, group_offsets=consumer.committed_offsets)
     engine = EchoEngine()
@@ -203,15 +209,8 @@ retry_records = st.lists(
 
 
 def run_with_retries(guarantee: str, inputs: list[tuple[bytes | None, bytes | None, list[Any], list[FetchError]]]):
-    config = Settings.from_environ(
-        {"KAFKA_MESSAGE_MAX_BYTES": str(PRODUCER_MAX_BYTES)},
-        input_topic=IN,
-        output_topic=OUT,
-        dlq_topic=DLQ,
-        processing_guarantee=guarantee,
-        max_event_bytes=MAX_EVENT_BYTES,
-        batch_max_wait_ms=1,
-        shutdown_timeout=5.0,
+    config = property_settings(
+        guarantee,
         retry_delays=DELAYS,
         max_in_flight=4,
     )

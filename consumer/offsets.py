@@ -24,6 +24,9 @@ class _PartitionState:
     next_offset: int | None = None  # one past the highest offset seen
     first_offset: int | None = None  # the lowest offset seen in this epoch: where consuming started
     committed: int | None = None
+    """The last point the broker acknowledged committing."""
+    sent: int | None = None
+    """The last point sent in an asynchronous commit the broker has not answered yet."""
     held: bool = False  # being rewound: new records are refused until `assign` starts a new epoch
 
 
@@ -129,8 +132,13 @@ class OffsetTracker:
         with self._lock:
             return sum(len(self._partitions[tp].pending) for tp in tps if tp in self._partitions)
 
-    def commit_points(self, tps: list[TopicPartitionKey] | None = None) -> dict[TopicPartitionKey, int]:
-        """Offsets to commit (Kafka's 'next offset to read') that moved since the last commit."""
+    def commit_points(
+        self, tps: list[TopicPartitionKey] | None = None, unacknowledged: bool = False
+    ) -> dict[TopicPartitionKey, int]:
+        """Offsets to commit (Kafka's 'next offset to read') that moved since the last commit sent, or,
+        with `unacknowledged`, since the last one the broker acknowledged: a commit still unanswered may
+        yet be refused (one queued behind a rebalance carries a stale generation), so the last, waited
+        commit before a partition goes sends its point again."""
         points = {}
         with self._lock:
             for tp, state in self._partitions.items():
@@ -139,11 +147,23 @@ class OffsetTracker:
                 if state.next_offset is None or state.held:
                     continue
                 point = min(state.pending) if state.pending else state.next_offset
-                if state.committed is None or point > state.committed:
+                since = state.committed
+                if not unacknowledged and state.sent is not None:
+                    since = max(since or 0, state.sent)
+                if since is None or point > since:
                     points[tp] = point
         return points
 
+    def mark_sent(self, points: dict[TopicPartitionKey, int]) -> None:
+        """An asynchronous commit of `points` was sent: not due again unless it is refused."""
+        with self._lock:
+            for tp, point in points.items():
+                state = self._partitions.get(tp)
+                if state is not None:
+                    state.sent = max(state.sent or 0, point)
+
     def mark_committed(self, points: dict[TopicPartitionKey, int]) -> None:
+        """The broker acknowledged committing `points`."""
         with self._lock:
             for tp, point in points.items():
                 state = self._partitions.get(tp)
@@ -151,9 +171,9 @@ class OffsetTracker:
                     state.committed = max(state.committed or 0, point)
 
     def commit_failed(self, tps: list[TopicPartitionKey]) -> None:
-        """A commit of `tps` failed: their current points become due again."""
+        """A commit of `tps` was refused: what was sent and not acknowledged is due again."""
         with self._lock:
             for tp in tps:
                 state = self._partitions.get(tp)
                 if state is not None:
-                    state.committed = None
+                    state.sent = None

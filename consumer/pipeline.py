@@ -192,7 +192,9 @@ class Pipeline:
             logger.warning(
                 "the batch in flight did not finish within SHUTDOWN_TIMEOUT=%.0f s", self.settings.shutdown_timeout
             )
-        published = not self.latch.tripped() and self.delivery.join(deadline - time.monotonic())
+        published = not self.latch.tripped() and self.delivery.join(
+            deadline - time.monotonic(), between=self.intake.keep_membership
+        )
         if self.latch.tripped():
             return self._abort()
         self.consumer.close()  # leaves the group now, so the partitions move without a session timeout

@@ -41,13 +41,24 @@ def test_late_acknowledgement_for_a_revoked_partition_is_ignored():
     assert tracker.in_flight() == 1
 
 
-def test_a_point_already_committed_is_not_committed_again_unless_the_commit_failed():
+def test_a_point_sent_is_not_sent_again_unless_the_commit_is_refused():
     tracker, epoch = tracker_with([0, 1])
     tracker.done(TP, 0, epoch)
-    tracker.mark_committed(tracker.commit_points())
+    tracker.mark_sent(tracker.commit_points())
     assert tracker.commit_points() == {}
     tracker.commit_failed([TP])
     assert tracker.commit_points() == {TP: 1}
+
+
+def test_a_waited_commit_sends_every_point_the_broker_has_not_acknowledged():
+    tracker, epoch = tracker_with([0, 1])
+    tracker.done(TP, 0, epoch)
+    tracker.mark_sent({TP: 1})
+    assert tracker.commit_points(unacknowledged=True) == {TP: 1}  # sent, but the answer may be a refusal
+    tracker.mark_committed({TP: 1})
+    assert tracker.commit_points(unacknowledged=True) == {}
+    tracker.commit_failed([TP])  # a late refusal of an older commit
+    assert tracker.commit_points() == {} and tracker.commit_points(unacknowledged=True) == {}
 
 
 def test_partitions_commit_independently():

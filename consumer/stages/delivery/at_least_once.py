@@ -3,7 +3,10 @@ result or dead letter.
 
 Each record is produced with a delivery callback, and its input offset is marked done only when the
 broker has acknowledged it. The poll thread commits, per partition, the offset below which everything
-is done (`OffsetTracker`), asynchronously and often. A record the producer cannot deliver within
+is done (`OffsetTracker`), asynchronously and often. Before partitions go (a revocation, the
+shutdown) it commits once more and waits for the answer, sending again every point the broker has not
+acknowledged: an asynchronous commit queued behind a rebalance is refused late, for its stale
+generation, and must not count as done. A record the producer cannot deliver within
 `message.timeout.ms` is fatal: the service stops without committing its input, and another member
 redoes it.
 """
@@ -95,32 +98,36 @@ class AtLeastOnce(DeliveryBase):
 
     def commit(self, tps: list[TopicPartitionKey] | None = None, wait: bool = False) -> bool:
         """Commit what is done. Asynchronous unless `wait`: a synchronous commit blocks the poll
-        loop for up to session.timeout.ms while the coordinator is unreachable."""
+        loop for up to session.timeout.ms while the coordinator is unreachable or a rebalance holds
+        the request, and sends again every point the broker has not acknowledged yet."""
         self._last_commit = time.monotonic()
         if self.latch.tripped():
             return False  # after an unhandled error nothing more is committed
-        points = self.tracker.commit_points(tps)
+        points = self.tracker.commit_points(tps, unacknowledged=wait)
         if not points:
             return True
         offsets = [TopicPartition(topic, partition, offset) for (topic, partition), offset in points.items()]
         try:
-            if wait:
-                answered = self.consumer.commit(offsets=offsets, asynchronous=False) or []
-                refused = [(p.topic, p.partition) for p in answered if p.error is not None]
-                if refused:
-                    self.tracker.commit_failed(refused)
-                    logger.warning("commit refused for %s", refused)
-                    return False
-            else:
+            if not wait:
                 self.consumer.commit(offsets=offsets, asynchronous=True)
+                self.tracker.mark_sent(points)  # acknowledged (or refused) in on_commit
+                return True
+            answered = self.consumer.commit(offsets=offsets, asynchronous=False) or []
         except KafkaException as exc:
             logger.warning("commit failed (will retry): %s", exc.args[0])
             return False
-        self._committed(points)
+        refused = [(p.topic, p.partition) for p in answered if p.error is not None]
+        self._committed({tp: point for tp, point in points.items() if tp not in refused})
+        if refused:
+            self.tracker.commit_failed(refused)
+            logger.warning("commit refused for %s", refused)
+            return False
         return True
 
     def on_commit(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
         refused = [p for p in partitions if error is not None or p.error is not None]
+        if error is None:
+            self._committed({(p.topic, p.partition): p.offset for p in partitions if p.error is None and p.offset >= 0})
         if refused:
             self.tracker.commit_failed([(p.topic, p.partition) for p in refused])  # committed again next tick
             cause = error or refused[0].error
@@ -140,13 +147,27 @@ class AtLeastOnce(DeliveryBase):
             self.commit(tps, wait=broker_ok)  # ...and their inputs committed before the partitions go
         yield
 
-    def join(self, timeout: float) -> bool:
+    def join(self, timeout: float, between: Callable[[], None] | None = None) -> bool:
+        deadline = time.monotonic() + timeout
         unsent = self.producer.flush(max(timeout, 0.5))
         if unsent:
             logger.warning("%d records were not acknowledged before the shutdown deadline", unsent)
-        if self.latch.tripped():
-            return False
-        if not self.state.broker_ok:
-            logger.warning("broker unreachable at shutdown: the last offsets are not committed")
-            return False
-        return self.commit(wait=True) and unsent == 0
+        while True:
+            if self.latch.tripped():
+                return False
+            if not self.state.broker_ok:
+                logger.warning("broker unreachable at shutdown: the last offsets are not committed")
+                return False
+            if self.commit(wait=True):
+                return unsent == 0
+            if time.monotonic() >= deadline:
+                logger.warning("the last offsets were not committed before the shutdown deadline")
+                return False
+            # Refused, most often by a rebalance under way (the request waited behind it and carried the
+            # old generation): once this member has the new generation, or has handed the partitions
+            # over (committing them as they go), the same points are committed.
+            (between or _pause)()
+
+
+def _pause() -> None:
+    time.sleep(0.1)

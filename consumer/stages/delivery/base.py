@@ -52,8 +52,9 @@ class Delivery(Protocol):
     def poll(self, timeout: float = 0.0) -> None:
         """Poll-thread housekeeping: producer callbacks, commits (at-least-once), rewinds (exactly-once)."""
 
-    def join(self, timeout: float) -> bool:
-        """Publish what is still queued and commit it, within `timeout`; True if all of it was."""
+    def join(self, timeout: float, between: Callable[[], None] | None = None) -> bool:
+        """Publish what is still queued and commit it, within `timeout`; True if all of it was.
+        `between` attempts at a refused commit: one round of serving the group's callbacks."""
 
     def close(self) -> None:
         """Nothing more is submitted."""

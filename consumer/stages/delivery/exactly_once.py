@@ -267,7 +267,7 @@ class ExactlyOnce(DeliveryBase):
     def on_commit(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
         return None  # offsets are committed inside transactions, never by the consumer
 
-    def join(self, timeout: float) -> bool:
+    def join(self, timeout: float, between: Callable[[], None] | None = None) -> bool:
         self._shutdown_deadline = time.monotonic() + max(timeout, 0.0)
         return not self.latch.tripped()
 

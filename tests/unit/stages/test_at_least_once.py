@@ -83,6 +83,7 @@ def test_offsets_are_committed_only_up_to_the_first_unacknowledged_result(rig):
     r.producer.hold = None
     r.delivery.poll(0)
     assert r.consumer.committed_offsets == {TP: 13}
+    r.consumer.poll(0)  # the consumer answers the commit: the gauge shows what the broker acknowledged
     assert r.sample("diagram_committed_offset", topic="events", partition="0") == 13
     assert r.sample("diagram_events_total", outcome="ok") == 3
     assert r.consumer.unowned_commits == []
@@ -145,6 +146,45 @@ def test_a_refused_commit_is_made_again(rig):
     r.consumer.commit_error = None
     r.delivery.poll(0)
     assert r.consumer.committed_offsets == {TP: 11}
+
+
+def test_a_commit_still_unanswered_when_the_partitions_go_is_made_again(rig, monkeypatch):
+    # librdkafka queues a commit behind a rebalance's JoinGroup; it is answered, refused for its stale
+    # generation, only after the revocation has run: the revocation must not count it as done.
+    r = rig()
+    r.consumer.commit_error = KafkaError(KafkaError.ILLEGAL_GENERATION)
+    r.publish([10])
+    r.delivery.poll(0)  # acknowledged, and its offset sent in an asynchronous commit, unanswered
+    monkeypatch.setattr(at_least_once, "COMMIT_INTERVAL_S", 3600.0)
+    r.consumer.commit_error = None
+    with r.delivery.revoking([TP], broker_ok=True):
+        assert r.consumer.committed_offsets == {TP: 11}
+        r.tracker.revoke(TP)
+    r.consumer.poll(0)  # the old refusal arrives late: nothing to redo, nothing committed twice
+    assert r.consumer.commits == [{TP: 11}]
+
+
+def test_join_asks_again_while_a_rebalance_refuses_its_commit(rig, monkeypatch):
+    monkeypatch.setattr(at_least_once, "COMMIT_INTERVAL_S", 3600.0)
+    r = rig()
+    r.publish([10, 11])
+    r.consumer.commit_error = KafkaError(KafkaError.REBALANCE_IN_PROGRESS)
+    rounds = []
+
+    def between() -> None:  # the pipeline serves the group's callbacks here: the rebalance completes
+        rounds.append(1)
+        r.consumer.commit_error = None
+
+    assert r.delivery.join(5, between=between) is True
+    assert rounds == [1] and r.consumer.committed_offsets == {TP: 12}
+
+
+def test_join_gives_up_on_a_refused_commit_at_its_deadline(rig):
+    r = rig()
+    r.publish([10])
+    r.consumer.commit_error = KafkaError(KafkaError.ILLEGAL_GENERATION)
+    assert r.delivery.join(0.3) is False
+    assert r.consumer.committed_offsets == {}
 
 
 def test_results_of_a_revoked_partition_are_not_published(rig):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Collection, Literal
 
 from pydantic import (
     BaseModel,
@@ -89,6 +89,14 @@ class DiagramEvent(BaseModel):
         None, max_length=MAX_PROMPT_CHARS, description="instruction overriding the default PROMPT"
     )
     metadata: dict[str, Any] | None = Field(None, description="passed through to the result as input_metadata")
+    adapter: str | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        description="the name of the LoRA adapter to describe the image with: `default` (ADAPTER_PATH) or one of "
+        "ADAPTERS; absent or null: `default`. An unknown name is dead-lettered at the parse stage "
+        "(error.reason unknown_adapter) with the names this replica knows",
+    )
 
     @field_validator("metadata")
     @classmethod
@@ -168,6 +176,17 @@ class GenerationMetadata(BaseModel):
     image_size: tuple[int, int] = Field(description="[width, height] of the decoded image")
     model: str
     adapter: str | None = Field(description="the LoRA adapter path, or null when the base model ran alone")
+    adapter_name: str | None = Field(
+        None,
+        description="the adapter's name: `default` (ADAPTER_PATH, also when the base model ran alone) or the "
+        "one of ADAPTERS the event named; null from an engine without adapters (ENGINE=echo)",
+    )
+    adapter_hash: str | None = Field(
+        None,
+        description="sha256, hex, over the adapter's adapter_config.json and weight files (each as its name, size "
+        "and bytes, in name order): the content that ran, which changes when the adapter is reloaded, and "
+        "the adapter part of result_key; null when the base model ran alone",
+    )
     device: str
     dtype: str | None = Field(
         None,
@@ -338,6 +357,17 @@ def parse_event(value: bytes | None, max_bytes: int | None = None) -> DiagramEve
             f"{'.'.join(str(part) for part in error['loc']) or 'event'}: {error['msg']}" for error in exc.errors()
         )
         raise ParseError(f"invalid event: {problems}", reason="invalid_field") from None
+
+
+def check_adapter(event: DiagramEvent, known: Collection[str]) -> None:
+    """Refuse an event naming an adapter this replica does not serve (ADAPTER_PATH is `default`, ADAPTERS the
+    others): a `ParseError` listing the known names, since another replica of the group would refuse it too."""
+    if event.adapter is not None and event.adapter not in known:
+        raise ParseError(
+            f"adapter {event.adapter!r} is not served here; known adapters: {', '.join(known)} "
+            "(ADAPTER_PATH is `default`, ADAPTERS names the others)",
+            reason="unknown_adapter",
+        )
 
 
 def _field_with_lone_surrogate(document: dict[str, Any]) -> str | None:

@@ -17,6 +17,8 @@ from typing import Annotated, Any, Literal, Mapping
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from consumer.engine.adapters import DEFAULT_ADAPTER, check_adapter_names, parse_adapters
+
 # Librdkafka properties whose values are secrets: never logged, never shown on /health.
 SECRET_KAFKA_KEYS = (
     "sasl.password",
@@ -63,7 +65,15 @@ class Settings(BaseSettings):
     base_model_id: str = "Qwen/Qwen3-VL-2B-Instruct"
     """A Hugging Face model id or a local directory."""
     adapter_path: Path = Path("/app/models/weights")
-    """The LoRA adapter directory; missing or empty means the base model runs alone."""
+    """The LoRA adapter directory, the adapter named `default`; missing or empty means the base model runs
+    alone for events without `adapter`."""
+    adapters: Annotated[tuple[tuple[str, Path], ...], NoDecode] = ()
+    """ADAPTERS: further LoRA adapters on the same base model, `name=path,...`; an event names one in its
+    `adapter` field (consumer/engine/adapters.py). Unset: only `default`, merged into the weights at load.
+    Set: every adapter stays unmerged and each batch runs on one of them (consumer/engine/qwen.py)."""
+    adapter_poll_seconds: float = Field(30.0, ge=0)
+    """How often each adapter's directory is checked for new content, which is then loaded without a restart
+    (consumer/engine/reload.py); 0: never."""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     torch_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     max_new_tokens: int = Field(384, ge=1, le=8192)
@@ -219,6 +229,16 @@ class Settings(BaseSettings):
                 raise ValueError(f"each delay must be between 1 ms and 7 days, got {delay} ms")
         return delays
 
+    @field_validator("adapters", mode="before")
+    @classmethod
+    def _parse_adapters(cls, value: Any) -> Any:
+        return parse_adapters(value) if isinstance(value, str) else value
+
+    @field_validator("adapters")
+    @classmethod
+    def _valid_adapter_names(cls, pairs: tuple[tuple[str, Path], ...]) -> tuple[tuple[str, Path], ...]:
+        return check_adapter_names(pairs)
+
     @field_validator("quantization", mode="before")
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
@@ -239,7 +259,13 @@ class Settings(BaseSettings):
                 f"mounted at ADAPTER_PATH={self.adapter_path}: unset ENGINE to serve the model "
                 "(echo is for pipeline benchmarks, where no adapter is mounted)"
             )
+        if self.engine == "echo" and self.adapters:
+            raise ValueError("ENGINE=echo runs no model, so it cannot serve ADAPTERS: unset one of them")
         return self
+
+    def adapter_paths(self) -> dict[str, Path]:
+        """Every adapter this replica serves, by name: `default` (ADAPTER_PATH) first, then ADAPTERS."""
+        return {DEFAULT_ADAPTER: self.adapter_path, **dict(self.adapters)}
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

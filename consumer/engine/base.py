@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Protocol, Sequence
 
 from PIL import Image
 
+from consumer.engine.adapters import DEFAULT_ADAPTER, AdapterVersion
+
 if TYPE_CHECKING:
     import torch
 
@@ -38,6 +40,8 @@ class GenerationRequest:
     """None only when `prepared` is set (the pipeline lets decoded pixels go once prepared)."""
     prompt: str
     prepared: ImageFeatures | None = None
+    adapter: str = DEFAULT_ADAPTER
+    """The name of the LoRA adapter to run (consumer/engine/adapters.py)."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,8 @@ class Generation:
 
     text: str
     output_tokens: int
+    adapter: AdapterVersion | None = None
+    """The adapter it ran with; None from an engine without adapters (ENGINE=echo)."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,8 @@ class EngineInfo:
     model_load_time: float
     default_batch_size: int
     """The batch this engine runs best at on its device; BATCH_SIZE, when set, overrides it."""
+    adapter_names: tuple[str, ...] = (DEFAULT_ADAPTER,)
+    """The adapters an event may name: `default` (ADAPTER_PATH), then those of ADAPTERS."""
 
 
 class Generator(Protocol):

@@ -17,6 +17,7 @@ from concurrent.futures import CancelledError
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING
 
+from consumer.engine.adapters import DEFAULT_ADAPTER
 from consumer.engine.base import GenerationRequest, Generator
 from consumer.errors import FetchError, InferError, ProcessingError
 from consumer.images import LoadedImage
@@ -153,7 +154,10 @@ class Infer:
         for item, loaded in ready:
             assert item.event is not None
             prompt = item.event.prompt or self.settings.prompt
-            requests.append(GenerationRequest(image=loaded.image, prompt=prompt, prepared=loaded.prepared))
+            adapter = item.event.adapter or DEFAULT_ADAPTER
+            requests.append(
+                GenerationRequest(image=loaded.image, prompt=prompt, prepared=loaded.prepared, adapter=adapter)
+            )
         started_ns = time.time_ns()
         try:
             batch = self.generator.generate(requests)

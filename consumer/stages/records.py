@@ -112,6 +112,7 @@ class Records:
     # -- results -----------------------------------------------------------------------------------
     def result(self, described: Described) -> OutgoingRecord:
         item, info = described.item, self.engine
+        adapter = described.generation.adapter
         source = item.record
         origin = self.retries.state_of(source).origin
         assert item.event is not None
@@ -123,7 +124,9 @@ class Records:
                 generation_time=round(described.generation_time, 4),
                 image_size=described.loaded.size,
                 model=info.model,
-                adapter=info.adapter,
+                adapter=adapter.path if adapter else info.adapter,
+                adapter_name=adapter.name if adapter else None,
+                adapter_hash=adapter.hash if adapter else None,
                 device=info.device,
                 dtype=info.dtype,
                 output_tokens=described.generation.output_tokens,

@@ -19,7 +19,7 @@ from concurrent.futures import CancelledError, ThreadPoolExecutor
 
 from consumer.engine.base import Generator
 from consumer.errors import DecodeError, FetchError, ParseError, PrepareError, ProcessingError
-from consumer.events import DiagramEvent, event_id_hint, parse_event
+from consumer.events import DiagramEvent, check_adapter, event_id_hint, parse_event
 from consumer.images import ImageResolver, LoadedImage
 from consumer.metrics import Metrics
 from consumer.offsets import OffsetTracker
@@ -51,6 +51,8 @@ class Resolve:
         self.tracing = tracing
         self._pool = ThreadPoolExecutor(settings.fetch_workers, thread_name_prefix="fetch")
         self.fetch_attempts = 1 if settings.retry_delays else FETCH_ATTEMPTS
+        self.adapter_names = tuple(settings.adapter_paths())
+        """What an event's `adapter` may name: `default` (ADAPTER_PATH), then ADAPTERS."""
 
     def submit(self, record: InputRecord) -> None:
         size = len(record.key or b"") + len(record.value or b"")
@@ -65,6 +67,7 @@ class Resolve:
         self.metrics.in_flight.set(in_flight + 1)
         try:
             event = parse_event(record.value, self.settings.max_event_bytes)
+            check_adapter(event, self.adapter_names)
         except Exception as exc:  # noqa: BLE001 - a record nobody foresaw is still only a dead letter
             error = exc if isinstance(exc, ProcessingError) else ParseError.unexpected(exc)
             hint = event_id_hint(record.value, self.settings.max_event_bytes)

@@ -71,6 +71,7 @@ def make_infer_handler(
             generation.output_tokens,
             extra={"outcome": "ok", "upload": filename, "inference_time": round(inference_time, 4)},
         )
+        adapter = generation.adapter
         response = InferResponse(
             **description_fields(generation.text),
             metadata=GenerationMetadata(
@@ -78,7 +79,9 @@ def make_infer_handler(
                 generation_time=round(generation_time, 4),
                 image_size=image.size,
                 model=info.model,
-                adapter=info.adapter,
+                adapter=adapter.path if adapter else info.adapter,
+                adapter_name=adapter.name if adapter else None,
+                adapter_hash=adapter.hash if adapter else None,
                 device=info.device,
                 dtype=info.dtype,
                 output_tokens=generation.output_tokens,

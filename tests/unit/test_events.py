@@ -22,6 +22,7 @@ from consumer.events import (
     DiagramResult,
     ResultMetadata,
     Source,
+    check_adapter,
     description_fields,
     event_id_hint,
     parse_event,
@@ -63,6 +64,7 @@ def test_a_full_event_is_read_and_extra_fields_are_ignored():
     parsed = parse_event(event(prompt="list the steps", metadata={"team": "ops", "n": [1, 2]}, added_later=True))
     assert parsed.id == "e-1" and parsed.image.kind == "url" and parsed.prompt == "list the steps"
     assert parsed.metadata == {"team": "ops", "n": [1, 2]}
+    assert parsed.adapter is None and parse_event(event(adapter="bpmn")).adapter == "bpmn"
     for reference in ({"path": "a/b.png"}, {"base64": "AAAA"}):
         assert parse_event(event(image=reference)).image.kind == next(iter(reference))
 
@@ -94,6 +96,8 @@ def test_a_full_event_is_read_and_extra_fields_are_ignored():
         (event(prompt=["not", "text"]), "invalid_field", "prompt"),
         (event(prompt="p" * 9000), "invalid_field", "prompt"),
         (event(metadata="not an object"), "invalid_field", "metadata"),
+        (event(adapter=5), "invalid_field", "adapter"),
+        (event(adapter=""), "invalid_field", "adapter"),
     ],
 )
 def test_each_bad_event_is_refused_naming_what_is_wrong(value, reason, named):
@@ -237,3 +241,13 @@ def test_a_description_with_a_table_carries_it_as_data_and_one_without_says_why(
     noise = DiagramResult.model_validate({**description_fields("6jjj cess"), "id": "e", "metadata": METADATA})
     assert noise.structured is None and noise.structured_error.startswith("no_table: ")
     assert json.loads(noise.model_dump_json())["structured"] is None
+
+
+def test_an_adapter_this_replica_does_not_serve_is_refused_naming_the_known_ones():
+    known = ("default", "bpmn", "uml")
+    check_adapter(parse_event(event()), known)
+    check_adapter(parse_event(event(adapter="uml")), known)
+    with pytest.raises(ParseError) as refused:
+        check_adapter(parse_event(event(adapter="swimlane")), known)
+    assert refused.value.stage == "parse" and refused.value.reason == "unknown_adapter"
+    assert "'swimlane'" in refused.value.message and "default, bpmn, uml" in refused.value.message

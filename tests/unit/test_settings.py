@@ -1,5 +1,7 @@
 """Settings keep the old service's names and pass any librdkafka property through."""
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
@@ -121,3 +123,35 @@ def test_retry_delays_name_one_topic_each_after_the_input_topic():
 def test_retry_delays_that_cannot_work_are_refused_with_the_field_named(delays):
     with pytest.raises(ValidationError, match="retry_delays"):
         Settings.from_environ({"RETRY_DELAYS": delays})
+
+
+def test_adapters_name_further_adapters_beside_the_default():
+    settings = Settings.from_environ(
+        {"ADAPTER_PATH": "/w", "ADAPTERS": " bpmn=/m/bpmn, uml = /m/uml ,", "ADAPTER_POLL_SECONDS": "5"}
+    )
+    assert settings.adapters == (("bpmn", Path("/m/bpmn")), ("uml", Path("/m/uml")))
+    assert settings.adapter_paths() == {"default": Path("/w"), "bpmn": Path("/m/bpmn"), "uml": Path("/m/uml")}
+    assert settings.adapter_poll_seconds == 5
+    unset = Settings.from_environ({})
+    assert unset.adapters == () and unset.adapter_paths() == {"default": unset.adapter_path}
+    assert unset.adapter_poll_seconds == 30
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("default=/m/x", "'default' is the adapter at ADAPTER_PATH"),
+        ("bpmn=/a,bpmn=/b", "named twice"),
+        ("bpmn", "each adapter is name=path"),
+        ("bpmn=", "each adapter is name=path"),
+        ("b.v2=/a", "letters, digits"),
+    ],
+)
+def test_adapters_refused_with_the_reason(value, message):
+    with pytest.raises(ValidationError, match=message):
+        Settings.from_environ({"ADAPTERS": value})
+
+
+def test_echo_cannot_serve_adapters(tmp_path):
+    with pytest.raises(ValidationError, match="ENGINE=echo runs no model"):
+        Settings.from_environ({"ENGINE": "echo", "ADAPTER_PATH": str(tmp_path), "ADAPTERS": "b=/m/b"})

@@ -84,6 +84,20 @@ def test_an_unparseable_record_goes_on_as_a_failure_with_the_id_it_names(build):
     assert resolver.calls == []
 
 
+def test_an_event_naming_an_unknown_adapter_is_a_parse_failure_listing_the_known_ones(build, tmp_path):
+    resolver = FakeResolver({URL: image_of(5)})
+    stage, tracker, _, collector = build(resolver=resolver, adapters=(("bpmn", tmp_path / "bpmn"),))
+    for offset, adapter in enumerate(["uml", "bpmn", "default"]):
+        stage.submit(
+            record(offset, json.dumps({"id": f"e-{adapter}", "image": {"url": URL}, "adapter": adapter}).encode())
+        )
+    unknown, *known = collector.taken
+    assert isinstance(unknown.failure, ParseError) and unknown.failure.reason == "unknown_adapter"
+    assert unknown.event_id == "e-uml" and "default, bpmn" in unknown.failure.message
+    assert [item.event.adapter for item in known if item.event] == ["bpmn", "default"]
+    assert tracker.in_flight() == 3  # tracked: its dead letter settles it
+
+
 def test_a_valid_event_goes_on_at_once_with_its_image_on_the_way(build):
     stage, _, metrics, collector = build(resolver=FakeResolver({URL: image_of(5)}))
     stage.submit(record(0, event("e-1")))

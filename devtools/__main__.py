@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="local broker + sample diagrams + descriptions printed")
     demo.add_argument("--count", type=int, default=6, help="how many sample diagrams to send")
-    tiny = commands.add_parser("make-tiny-model", help="write a tiny random Qwen3-VL and a LoRA adapter")
+    tiny = commands.add_parser("make-tiny-model", help="write a tiny random Qwen3-VL and two LoRA adapters")
     tiny.add_argument("directory", type=Path)
     tiny.add_argument("--seed", type=int, default=0)
     commands.add_parser("broker", help="run a local single-node Kafka broker until Ctrl-C")
@@ -31,10 +31,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_demo(count=args.count)
     if args.command == "make-tiny-model":
-        from devtools.tiny import make_tiny_model
+        from devtools.tiny import SECOND_ADAPTER, make_tiny_model
 
         adapter = make_tiny_model(args.directory, seed=args.seed)
-        print(f"BASE_MODEL_ID={args.directory.resolve()} ADAPTER_PATH={adapter.resolve()}")
+        second = args.directory.resolve() / SECOND_ADAPTER
+        print(f"BASE_MODEL_ID={args.directory.resolve()} ADAPTER_PATH={adapter.resolve()} ADAPTERS=b={second}")
         return 0
     from devtools.local_kafka import LocalKafka
 

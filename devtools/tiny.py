@@ -17,6 +17,9 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
+SECOND_ADAPTER = "adapter-b"
+"""Where make_tiny_model writes its second adapter, inside the model's directory."""
+
 SPECIAL_TOKENS = [
     "<|endoftext|>",
     "<|im_start|>",
@@ -237,9 +240,10 @@ def make_processor(tokenizer, chat_template: str = CHAT_TEMPLATE):
 
 
 def make_tiny_model(directory: Path, seed: int = 0) -> Path:
-    """Write a tiny random Qwen3-VL checkpoint to `directory` and a LoRA adapter to `directory/adapter`.
+    """Write a tiny random Qwen3-VL checkpoint to `directory`, a LoRA adapter to `directory/adapter` and a
+    second, different one to `directory/adapter-b` (for ADAPTERS).
 
-    Returns the adapter directory. The adapter's lora_B weights are non-zero, so applying it changes
+    Returns the adapter directory. The adapters' lora_B weights are non-zero, so applying one changes
     what the model generates (a freshly initialised LoRA would be a no-op).
     """
     import torch
@@ -273,8 +277,16 @@ def make_tiny_model(directory: Path, seed: int = 0) -> Path:
                 param.normal_(0.0, 0.5)
     adapter_dir = directory / "adapter"
     peft_model.save_pretrained(adapter_dir)
+    # A second fine-tune of the same shape (ADAPTERS=b=DIR/adapter-b): other lora_B weights, other texts.
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.5)
+    peft_model.save_pretrained(directory / SECOND_ADAPTER)
     (directory / "TINY_MODEL.json").write_text(
         json.dumps({"note": "random weights: descriptions are meaningless", "seed": seed}) + "\n"
     )
-    logger.info("tiny Qwen3-VL written to %s, adapter to %s", directory, adapter_dir)
+    logger.info(
+        "tiny Qwen3-VL written to %s, adapters to %s and %s", directory, adapter_dir, directory / SECOND_ADAPTER
+    )
     return adapter_dir

@@ -7,7 +7,7 @@ same four methods.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol, Sequence, runtime_checkable
 
 from PIL import Image
 
@@ -101,6 +101,18 @@ class Engine(Generator, Protocol):
 
     def warm_up(self) -> float:
         """Run one generation so the first real batch does not pay for lazy initialisation; its seconds."""
+
+
+@runtime_checkable
+class ServesAdapters(Protocol):
+    """An engine that serves named LoRA adapters and can load one again while it runs."""
+
+    def adapter_version(self, name: str) -> AdapterVersion:
+        """The version adapter `name` runs on now (KeyError for a name it does not serve); any thread."""
+
+    def reload_adapter(self, name: str) -> AdapterVersion:
+        """Load adapter `name` from its directory again; model calls after this returns use it. Raises
+        `EngineLoadError` with the cause, the old adapter still in use, when it cannot."""
 
 
 class EngineLoadError(RuntimeError):

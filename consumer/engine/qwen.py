@@ -17,15 +17,19 @@ exactly the tensors `processor(text=..., images=..., padding=True)` builds (a te
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from consumer.engine import onednn
+from consumer.engine.adapter_hash import adapter_hash
+from consumer.engine.adapters import DEFAULT_ADAPTER, AdapterVersion
 from consumer.engine.base import (
     EngineInfo,
     EngineLoadError,
@@ -46,13 +50,13 @@ from consumer.engine.device import (
 )
 from consumer.engine.invariant import InvariantDecoder
 from consumer.engine.kv_cache import FilledStaticCache
+from consumer.engine.lora import AdapterSet, adapter_present, check_adapter_keys
 
 if TYPE_CHECKING:
     from consumer.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_FILES = ("adapter_config.json",)
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
@@ -103,31 +107,6 @@ def compile_forward(model: Any) -> None:
     target.forward = torch.compile(target.forward, dynamic=True)
 
 
-def adapter_present(adapter_path: Path) -> bool:
-    return all((adapter_path / name).is_file() for name in ADAPTER_FILES)
-
-
-def check_adapter_keys(peft_model: Any, adapter_path: Path) -> None:
-    """Refuse an adapter whose weights do not land on the model (peft only warns, then does nothing)."""
-    from peft.utils import get_peft_model_state_dict
-    from safetensors import safe_open
-
-    weights = adapter_path / "adapter_model.safetensors"
-    if not weights.is_file():
-        raise EngineLoadError(f"adapter at {adapter_path} has no adapter_model.safetensors")
-    with safe_open(str(weights), framework="pt") as handle:
-        saved = set(handle.keys())
-    expected = set(get_peft_model_state_dict(peft_model).keys())
-    missing, unexpected = expected - saved, saved - expected
-    if missing or unexpected:
-        raise EngineLoadError(
-            f"adapter at {adapter_path} does not fit {peft_model.base_model.model.__class__.__name__}: "
-            f"{len(missing)} weights the model expects are missing from it (e.g. {sorted(missing)[:2]}) and "
-            f"{len(unexpected)} of its weights match no module of the model (e.g. {sorted(unexpected)[:2]}); "
-            "it was probably trained against another model, layer count or module layout"
-        )
-
-
 class QwenVLEngine:
     """Qwen3-VL (any AutoModelForImageTextToText checkpoint) with an optional merged LoRA adapter."""
 
@@ -139,6 +118,14 @@ class QwenVLEngine:
         self.processor: Any = None
         self.decoder: InvariantDecoder | None = None
         """Set at load unless BATCH_INVARIANT=false."""
+        self.adapters: dict[str, AdapterVersion] = {DEFAULT_ADAPTER: AdapterVersion(DEFAULT_ADAPTER, None, None)}
+        """The adapter version each name runs on now; replaced whole by a reload, so any thread may read it."""
+        self.adapter_set: AdapterSet | None = None
+        """ADAPTERS set: every adapter in the model, unmerged. None: the default adapter merged (or none)."""
+        self._model_lock = threading.Lock()
+        """Held by every model call and by a reload's swap, so a call runs on one set of weights throughout."""
+        self._placement: tuple[str, torch.dtype, str | None] | None = None
+        """The device, dtype and hub token `load` used: a reload of a merged adapter loads the base again."""
 
     @classmethod
     def from_model(cls, settings: Settings, model: Any, processor: Any) -> QwenVLEngine:
@@ -163,8 +150,6 @@ class QwenVLEngine:
 
     # -- load -------------------------------------------------------------------------------
     def load(self) -> EngineInfo:
-        from transformers import AutoModelForImageTextToText
-
         settings = self.settings
         started = time.perf_counter()
         device = resolve_device(settings.device)
@@ -173,6 +158,34 @@ class QwenVLEngine:
         except ValueError as exc:
             raise EngineLoadError(str(exc)) from exc
         token = settings.hf_token.get_secret_value() if settings.hf_token else None
+        self._placement = (device, dtype, token)
+        if settings.adapters:
+            self.adapter_set = AdapterSet(settings.adapter_paths())
+        self.model, self.adapters = self._build_model()
+        self.decoder = self._invariant_decoder(self.model)
+        self.processor = self._load_processor(Path(settings.adapter_path), token)
+        adapter = self.adapters[DEFAULT_ADAPTER].path
+        self.info = EngineInfo(
+            model=settings.base_model_id,
+            adapter=adapter,
+            device=device,
+            dtype=dtype_name(dtype),
+            backend="transformers",
+            model_load_time=round(time.perf_counter() - started, 3),
+            default_batch_size=default_batch_size(device, self._flavour(device), dtype),
+            adapter_names=tuple(self.adapters),
+        )
+        logger.info("model ready in %.2f s (adapter: %s)", self.info.model_load_time, adapter)
+        return self.info
+
+    def _build_model(self) -> tuple[Any, dict[str, AdapterVersion]]:
+        """The base model from BASE_MODEL_ID with its adapters (merged, or with ADAPTERS unmerged), on its
+        device and ready to run; and the adapter version of each name."""
+        from transformers import AutoModelForImageTextToText
+
+        settings = self.settings
+        assert self._placement is not None
+        device, dtype, token = self._placement
         logger.info("loading base model %s on %s as %s", settings.base_model_id, device, dtype_name(dtype))
         try:
             model = AutoModelForImageTextToText.from_pretrained(
@@ -185,13 +198,19 @@ class QwenVLEngine:
         except Exception as exc:
             raise EngineLoadError(f"cannot load base model {settings.base_model_id!r}: {exc}") from exc
 
-        adapter_path = Path(settings.adapter_path)
-        adapter: str | None = None
-        if adapter_present(adapter_path):
-            model = self._merge_adapter(model, adapter_path)
-            adapter = str(adapter_path)
+        if self.adapter_set is not None:
+            model = self.adapter_set.attach(model)
+            versions = dict(self.adapter_set.versions)
         else:
-            logger.warning("no LoRA adapter at %s: running the base model alone (adapter: null)", adapter_path)
+            adapter_path = Path(settings.adapter_path)
+            version = AdapterVersion(DEFAULT_ADAPTER, None, None)
+            if adapter_present(adapter_path):
+                content = adapter_hash(adapter_path)
+                model = self._merge_adapter(model, adapter_path)
+                version = AdapterVersion(DEFAULT_ADAPTER, str(adapter_path), content)
+            else:
+                logger.warning("no LoRA adapter at %s: running the base model alone (adapter: null)", adapter_path)
+            versions = {DEFAULT_ADAPTER: version}
 
         if getattr(model, "hf_device_map", None) is None and not settings.quantization:
             model = model.to(device)
@@ -200,20 +219,40 @@ class QwenVLEngine:
         self._route_decode_matmuls(model)
         if settings.torch_compile:
             compile_forward(model)
-        self.model = model
-        self.decoder = self._invariant_decoder(model)
-        self.processor = self._load_processor(adapter_path, token)
-        self.info = EngineInfo(
-            model=settings.base_model_id,
-            adapter=adapter,
-            device=device,
-            dtype=dtype_name(dtype),
-            backend="transformers",
-            model_load_time=round(time.perf_counter() - started, 3),
-            default_batch_size=default_batch_size(device, self._flavour(device), dtype),
-        )
-        logger.info("model ready in %.2f s (adapter: %s)", self.info.model_load_time, adapter)
-        return self.info
+        return model, versions
+
+    # -- reload ------------------------------------------------------------------------------
+    def adapter_version(self, name: str) -> AdapterVersion:
+        """The version adapter `name` runs on now (KeyError for a name this engine does not serve)."""
+        return self.adapters[name]
+
+    def reload_adapter(self, name: str) -> AdapterVersion:
+        """Load adapter `name` again from its directory; model calls after this one returns use it, the call
+        in flight finishes on the old weights. Raises EngineLoadError with the cause, the old adapter
+        still in use, when the directory holds no adapter or one that cannot be loaded.
+
+        With ADAPTERS, only the adapter's own weights are loaded (beside the old ones until the swap), and
+        model calls wait meanwhile. A merged adapter cannot be taken out of the weights exactly (in bfloat16
+        W + BA - BA is not W), so the default adapter alone is reloaded by building the whole model again
+        from BASE_MODEL_ID while the old one serves: a full load's time, and two models in memory until the
+        swap (docs/operations.md)."""
+        if self.adapter_set is not None:
+            with self._model_lock:
+                version = self.adapter_set.replace(name)
+                self._route_decode_matmuls(self.model)  # the new adapter's layers, as the others at load
+                self.adapters = {**self.adapters, name: version}
+            return version
+        path = Path(self.settings.adapter_path)
+        if name != DEFAULT_ADAPTER or not adapter_present(path):
+            raise EngineLoadError(f"no LoRA adapter (adapter_config.json) at {path}")
+        model, versions = self._build_model()
+        version = versions[DEFAULT_ADAPTER]
+        if version.path is None or adapter_hash(path) != version.hash:
+            raise EngineLoadError(f"the adapter at {path} changed while it was being loaded")
+        decoder = self._invariant_decoder(model)
+        with self._model_lock:
+            self.model, self.decoder, self.adapters = model, decoder, versions
+        return version
 
     def _route_decode_matmuls(self, model: Any) -> None:
         """DECODE_MATMUL: few-row float32 matmuls on oneDNN on CPUs (consumer/engine/onednn.py)."""
@@ -335,7 +374,8 @@ class QwenVLEngine:
         image = Image.new("RGB", (256, 192), "white")
         self.generate([GenerationRequest(image=image, prompt="Warm-up.")], max_new_tokens=2)
         if self.decoder is not None:
-            self._check_batch_invariance(self.decoder)
+            with self._model_lock, self._activated(DEFAULT_ADAPTER):
+                self._check_batch_invariance(self.decoder)
         seconds = round(time.perf_counter() - started, 3)
         logger.info("warm-up generation done in %.2f s", seconds)
         return seconds
@@ -414,10 +454,42 @@ class QwenVLEngine:
 
     @torch.inference_mode()
     def generate(self, requests: Sequence[GenerationRequest], max_new_tokens: int | None = None) -> GenerationBatch:
+        """Describe every image; a batch that mixes adapters runs as one model call per adapter, in order of
+        first appearance (an image's text does not depend on its batch, so it is the same either way)."""
         started = time.perf_counter()
         if not requests:
             return GenerationBatch([], 0.0)
         max_new_tokens = max_new_tokens or self.settings.max_new_tokens
+        unknown = {request.adapter for request in requests} - set(self.adapters)
+        if unknown:
+            raise ValueError(f"unknown adapter {sorted(unknown)}; this engine has {sorted(self.adapters)}")
+        generations: dict[int, Generation] = {}
+        preprocess_seconds = 0.0
+        with self._model_lock:
+            for name in dict.fromkeys(request.adapter for request in requests):
+                indices = [index for index, request in enumerate(requests) if request.adapter == name]
+                with self._activated(name) as version:
+                    rows, preprocess = self._generate_rows([requests[index] for index in indices], max_new_tokens)
+                preprocess_seconds += preprocess
+                for index, row in zip(indices, rows, strict=True):
+                    generations[index] = self._generation(row, version)
+        ordered = [generations[index] for index in range(len(requests))]
+        return GenerationBatch(ordered, time.perf_counter() - started, preprocess_seconds)
+
+    @contextmanager
+    def _activated(self, name: str) -> Iterator[AdapterVersion]:
+        """Model calls in the block run on adapter `name` (under the model lock)."""
+        if self.adapter_set is None:
+            yield self.adapters[name]
+            return
+        with self.adapter_set.activated(name) as version:
+            yield version
+
+    def _generate_rows(
+        self, requests: Sequence[GenerationRequest], max_new_tokens: int
+    ) -> tuple[list[list[int]], float]:
+        """Each request's new tokens, and the seconds spent turning images and prompts into tensors."""
+        started = time.perf_counter()
         if self.decoder is not None:
             # One unpadded sequence per image: nothing of one row's inputs depends on another's.
             prompts = [self._on_device(self.collate([request])) for request in requests]
@@ -427,18 +499,18 @@ class QwenVLEngine:
             inputs = self._on_device(self.collate(requests))
             preprocess_seconds = time.perf_counter() - started
             rows = self._generate_padded(inputs, max_new_tokens)
+        return rows, preprocess_seconds
+
+    def _generation(self, row: list[int], adapter: AdapterVersion) -> Generation:
         tokenizer = self.processor.tokenizer
         special = {tokenizer.pad_token_id, *self._eos_ids()}
-        generations = []
-        for row in rows:
-            produced = 0
-            for token_id in row:
-                produced += 1
-                if token_id in special:
-                    break
-            text = tokenizer.decode(row, skip_special_tokens=True).strip()
-            generations.append(Generation(text=text, output_tokens=produced))
-        return GenerationBatch(generations, time.perf_counter() - started, preprocess_seconds)
+        produced = 0
+        for token_id in row:
+            produced += 1
+            if token_id in special:
+                break
+        text = tokenizer.decode(row, skip_special_tokens=True).strip()
+        return Generation(text=text, output_tokens=produced, adapter=adapter)
 
     def _on_device(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {name: tensor.to(self.model.device) for name, tensor in inputs.items()}

@@ -135,6 +135,19 @@ class Metrics:
             "(at most RESULT_CACHE_MAX_BYTES)",
             registry=r,
         )
+        self.adapter_reloads = Counter(
+            "diagram_adapter_reloads",
+            "Adapter directories whose new content was loaded without a restart (ADAPTER_POLL_SECONDS), by "
+            "adapter name and outcome: ok, or failed (the old adapter stays in use; the log says why)",
+            ["adapter", "outcome"],
+            registry=r,
+        )
+        self.adapter_info = Gauge(
+            "diagram_adapter_info",
+            "1 per adapter this replica serves, labelled with its name and the content hash it runs on now",
+            ["adapter", "hash"],
+            registry=r,
+        )
         self.build = Info("diagram_consumer", "Version, model, adapter and device of this replica", registry=r)
         # process_start_time_seconds (alerts that need a replica's age), resident memory, CPU seconds.
         ProcessCollector(registry=r)
@@ -168,6 +181,15 @@ class Metrics:
                 "backend": info.backend,
             }
         )
+
+    def record_adapter(self, name: str, content_hash: str | None, previous_hash: str | None = None) -> None:
+        """`diagram_adapter_info` for adapter `name`, now on `content_hash` (the series of `previous_hash` goes)."""
+        if previous_hash != content_hash:
+            try:
+                self.adapter_info.remove(name, previous_hash or "")
+            except KeyError:
+                pass
+        self.adapter_info.labels(name, content_hash or "").set(1)
 
     def track_result_cache(self, entries: Callable[[], int], size_bytes: Callable[[], int]) -> None:
         """The result cache's size gauges are read from the cache at scrape time."""

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 
 from consumer.clients import observed_consumer_factory, observed_producer_factory
-from consumer.engine.base import Engine, EngineLoadError
+from consumer.engine.base import Engine, EngineLoadError, ServesAdapters
+from consumer.engine.reload import AdapterWatcher
 from consumer.engine.shared import SharedEngine
 from consumer.errors import ExitCode
 from consumer.hooks import run_test_hook
@@ -38,6 +39,17 @@ def build_engine(settings: Settings) -> Engine:
     return QwenVLEngine(settings)
 
 
+def watch_adapters(settings: Settings, engine: Engine, metrics: Metrics) -> AdapterWatcher | None:
+    """Report each adapter's content, and with ADAPTER_POLL_SECONDS watch it for new content."""
+    if not isinstance(engine, ServesAdapters):
+        return None
+    for name in settings.adapter_paths():
+        metrics.record_adapter(name, engine.adapter_version(name).hash)
+    if not settings.adapter_poll_seconds:
+        return None
+    return AdapterWatcher(engine, settings.adapter_paths(), settings.adapter_poll_seconds, metrics).start()
+
+
 def run_service(settings: Settings) -> int:
     logger.info(
         "starting: model=%s adapter=%s device=%s dtype=%s kafka=%s",
@@ -67,6 +79,7 @@ def run_service(settings: Settings) -> int:
         logger.info("BATCH_SIZE unset: %d, the default on %s", batch_size, info.device)
     metrics.record_engine(info, state.warmup_time)
     keyer = ResultKeyer.for_engine(settings, info)
+    watcher = watch_adapters(settings, engine, metrics)
     cache, follower = None, None
     if settings.result_cache_topic:
         try:
@@ -98,7 +111,9 @@ def run_service(settings: Settings) -> int:
         consumer_factory=observed_consumer_factory(metrics, state),
         producer_factory=observed_producer_factory(),
         tracing=tracing,
-        results=ResultStep(settings, keyer, info, cache),
+        results=ResultStep(
+            settings, keyer, info, cache, engine.adapter_version if isinstance(engine, ServesAdapters) else None
+        ),
     )
     state.shared_engine = shared
     state.ready = True
@@ -106,6 +121,8 @@ def run_service(settings: Settings) -> int:
     try:
         return pipeline.run()
     finally:
+        if watcher is not None:
+            watcher.stop()
         if follower is not None:
             follower.stop()
         tracing.shutdown()

@@ -49,6 +49,13 @@ def model_fingerprint(model: str) -> str | None:
     return digest.hexdigest()
 
 
+class _Keyed:
+    """The keyer's own adapter (a marker: None means no adapter)."""
+
+
+_KEYED = _Keyed()
+
+
 @dataclass(frozen=True)
 class ResultKeyer:
     """Everything in a result key but the image and the prompt: fixed for a running replica."""
@@ -76,15 +83,16 @@ class ResultKeyer:
             dtype=info.dtype,
         )
 
-    def key(self, image_hash: str, prompt: str) -> str:
-        """The result key (sha256, hex) of an image, by its `content_hash`, described with `prompt`."""
+    def key(self, image_hash: str, prompt: str, adapter: str | None | _Keyed = _KEYED) -> str:
+        """The result key (sha256, hex) of an image, by its `content_hash`, described with `prompt`, by the
+        adapter whose content hash is `adapter` (default: the keyer's own, ADAPTER_PATH's at start)."""
         document = {
             "v": KEY_VERSION,
             "image": image_hash,
             "prompt": prompt,
             "model": self.model,
             "model_fingerprint": self.model_fingerprint,
-            "adapter": self.adapter,
+            "adapter": self.adapter if isinstance(adapter, _Keyed) else adapter,
             "max_new_tokens": self.max_new_tokens,
             "image_pixels": [self.image_min_pixels, self.image_max_pixels],
             "dtype": self.dtype,

@@ -149,6 +149,6 @@ def cache_entry(described: Described, info: EngineInfo) -> CacheEntry | None:
         output_tokens=described.generation.output_tokens,
         content_hash=content,
         model=info.model,
-        adapter=info.adapter,
+        adapter=described.generation.adapter.path if described.generation.adapter else info.adapter,
         dtype=info.dtype,
     )

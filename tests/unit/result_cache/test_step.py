@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from concurrent.futures import Future
+from dataclasses import replace
 
+from consumer.engine.adapters import AdapterVersion
 from consumer.engine.base import Generation
 from consumer.engine.echo import EchoEngine
 from consumer.errors import InferError
@@ -91,3 +93,71 @@ def test_without_a_cache_every_event_is_generated_and_keyed():
     assert [o.cache for o in outcomes if isinstance(o, Described)] == ["off", "off"]
     keys = {o.result_key for o in outcomes if isinstance(o, Described)}
     assert len(keys) == 1 and None not in keys
+
+
+class Adapters:
+    """The engine's `adapter_version`: each name's current content, reloadable by the test."""
+
+    def __init__(self) -> None:
+        self.versions = {
+            "default": AdapterVersion("default", "/w/default", "hash-default-1"),
+            "b": AdapterVersion("b", "/w/b", "hash-b-1"),
+        }
+
+    def __call__(self, name: str) -> AdapterVersion:
+        return self.versions[name]
+
+
+def with_adapters(ready: Ready, *names: str | None) -> Ready:
+    return [
+        (replace(item, event=item.event.model_copy(update={"adapter": name})), loaded)
+        for (item, loaded), name in zip(ready, names, strict=True)
+    ]
+
+
+class AdapterModel(Model):
+    """Generates as the engine does: each event on its adapter's current version."""
+
+    def __init__(self, adapters: Adapters, reload_before_running: str | None = None) -> None:
+        super().__init__()
+        self.adapters, self.reload_before_running = adapters, reload_before_running
+
+    def __call__(self, ready: Ready) -> list[Outcome]:
+        if self.reload_before_running:
+            name = self.reload_before_running
+            self.adapters.versions[name] = AdapterVersion(name, f"/w/{name}", f"hash-{name}-2")
+        self.calls.append(len(ready))
+        outcomes: list[Outcome] = []
+        for item, loaded in ready:
+            version = self.adapters(item.event.adapter or "default")
+            generation = Generation(f"{version.hash} described {loaded.content_hash}", 5, version)
+            outcomes.append(Described(item, loaded, generation, 0.5, len(ready)))
+        return outcomes
+
+
+def test_each_event_is_keyed_by_its_own_adapters_content_and_a_hit_names_that_adapter():
+    adapters, cache = Adapters(), ResultCache(1_000_000)
+    model = AdapterModel(adapters)
+    cached = ResultStep(SETTINGS, ResultKeyer.for_engine(SETTINGS, INFO), INFO, cache, adapters)
+    first = cached.answer(with_adapters(ready_items(b"one", b"one", b"one"), None, "default", "b"), model)
+    assert model.calls == [2], "the same image under `default` and under `b` are two results"
+    by_offset = {o.item.record.offset: o for o in first if isinstance(o, Described)}
+    assert [by_offset[n].cache for n in range(3)] == ["miss", "hit", "miss"]
+    assert by_offset[0].result_key == by_offset[1].result_key != by_offset[2].result_key
+    again = cached.answer(with_adapters(ready_items(b"one"), "b"), model)
+    assert model.calls == [2]
+    hit = again[0]
+    assert isinstance(hit, Described) and hit.cache == "hit" and hit.result_key == by_offset[2].result_key
+    assert hit.generation.adapter == adapters.versions["b"]
+
+
+def test_an_adapter_reloaded_between_lookup_and_model_call_keys_the_event_by_what_ran():
+    adapters, cache = Adapters(), ResultCache(1_000_000)
+    cached = ResultStep(SETTINGS, ResultKeyer.for_engine(SETTINGS, INFO), INFO, cache, adapters)
+    ready = with_adapters(ready_items(b"one", b"one"), "b", "b")
+    before = cached.key_of(*ready[0], adapters("b"))
+    [generated, copy] = cached.answer(ready, AdapterModel(adapters, reload_before_running="b"))
+    assert isinstance(generated, Described) and generated.generation.adapter.hash == "hash-b-2"
+    after = cached.key_of(*ready[0], adapters("b"))
+    assert generated.result_key == after != before and after in cache and before not in cache
+    assert isinstance(copy, Described) and copy.cache == "hit" and copy.result_key == after

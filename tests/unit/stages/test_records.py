@@ -10,9 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 from concurrent.futures import Future
+from dataclasses import replace
 
 import pytest
 
+from consumer.engine.adapters import AdapterVersion
 from consumer.engine.base import Generation
 from consumer.engine.echo import EchoEngine
 from consumer.errors import FetchError, ParseError
@@ -72,6 +74,16 @@ def test_a_result_carries_the_description_and_its_metadata(stage):
     assert (metadata.model, metadata.adapter, metadata.device) == (INFO.model, INFO.adapter, INFO.device)
     assert (metadata.image_size, metadata.output_tokens, metadata.batch_size) == ((64, 48), 9, 2)
     assert metadata.generation_time == 0.25 and metadata.inference_time >= 0
+
+
+def test_a_result_names_the_adapter_it_ran_with(stage):
+    records, collector = stage
+    version = AdapterVersion("bpmn", "/models/bpmn", "9f" * 32)
+    generated = described()
+    records.submit([replace(generated, generation=replace(generated.generation, adapter=version))])
+    ((result,),) = collector.taken
+    metadata = DiagramResult.model_validate_json(result.value).metadata
+    assert (metadata.adapter, metadata.adapter_name, metadata.adapter_hash) == ("/models/bpmn", "bpmn", "9f" * 32)
 
 
 def test_a_dead_letter_keeps_the_input_and_says_what_failed_in_its_headers(stage):

@@ -30,6 +30,9 @@ from devtools.tiny import (
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 NEW_TOKENS = 384  # the old service's MAX_NEW_TOKENS: what one description costs
 DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+NO_ADAPTER = Path("/nonexistent/no-adapter")
+"""ADAPTER_PATH for engines over models built in memory (QwenVLEngine.from_model): their LoRA, if any, is
+already in the model, and a mounted /app/models/weights must not be merged into random weights."""
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

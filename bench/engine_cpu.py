@@ -63,6 +63,7 @@ import torch
 
 from bench.engine_common import (
     NEW_TOKENS,
+    NO_ADAPTER,
     ModuleTimer,
     base_of,
     bench_processor,
@@ -343,7 +344,11 @@ def main(argv: list[str] | None = None) -> int:
     processor, token_ids = bench_processor()
     engine_dtype = resolve_dtype("auto", "cpu")
     settings = Settings.from_environ(
-        {}, base_model_id="random-weights", max_new_tokens=NEW_TOKENS, decode_rows=args.decode_rows
+        {},
+        base_model_id="random-weights",
+        adapter_path=NO_ADAPTER,
+        max_new_tokens=NEW_TOKENS,
+        decode_rows=args.decode_rows,
     )
     image = sample_diagram(0, image_size)
     shaper = QwenVLEngine(settings)

@@ -32,6 +32,7 @@ import torch
 
 from bench.engine_common import (
     NEW_TOKENS,
+    NO_ADAPTER,
     bench_processor,
     flops_per_image,
     format_table,
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings.from_environ(
         {},
         base_model_id="random-weights",
+        adapter_path=NO_ADAPTER,
         device=device,
         torch_dtype="bfloat16",
         max_new_tokens=new_tokens,

@@ -129,8 +129,12 @@ class QwenVLEngine:
 
     @classmethod
     def from_model(cls, settings: Settings, model: Any, processor: Any) -> QwenVLEngine:
-        """An engine over a model built in memory instead of loaded (bench/: random weights, no files)."""
+        """An engine over a base model built in memory instead of loaded (bench/: random weights), with
+        ADAPTER_PATH merged or ADAPTERS attached as `load` does (none where ADAPTER_PATH holds no adapter)."""
         engine = cls(settings)
+        if settings.adapters:
+            engine.adapter_set = AdapterSet(settings.adapter_paths())
+        model, engine.adapters = engine._with_adapters(model)
         engine.model = model.eval()
         engine.processor = engine.configure_processor(processor)
         device = model.device.type
@@ -139,12 +143,13 @@ class QwenVLEngine:
         engine.decoder = engine._invariant_decoder(model)
         engine.info = EngineInfo(
             model=settings.base_model_id,
-            adapter=None,
+            adapter=engine.adapters[DEFAULT_ADAPTER].path,
             device=device,
             dtype=dtype_name(model.dtype),
             backend="transformers",
             model_load_time=0.0,
             default_batch_size=default_batch_size(device, engine._flavour(device), model.dtype),
+            adapter_names=tuple(engine.adapters),
         )
         return engine
 
@@ -198,20 +203,7 @@ class QwenVLEngine:
         except Exception as exc:
             raise EngineLoadError(f"cannot load base model {settings.base_model_id!r}: {exc}") from exc
 
-        if self.adapter_set is not None:
-            model = self.adapter_set.attach(model)
-            versions = dict(self.adapter_set.versions)
-        else:
-            adapter_path = Path(settings.adapter_path)
-            version = AdapterVersion(DEFAULT_ADAPTER, None, None)
-            if adapter_present(adapter_path):
-                content = adapter_hash(adapter_path)
-                model = self._merge_adapter(model, adapter_path)
-                version = AdapterVersion(DEFAULT_ADAPTER, str(adapter_path), content)
-            else:
-                logger.warning("no LoRA adapter at %s: running the base model alone (adapter: null)", adapter_path)
-            versions = {DEFAULT_ADAPTER: version}
-
+        model, versions = self._with_adapters(model)
         if getattr(model, "hf_device_map", None) is None and not settings.quantization:
             model = model.to(device)
         model.eval()
@@ -220,6 +212,20 @@ class QwenVLEngine:
         if settings.torch_compile:
             compile_forward(model)
         return model, versions
+
+    def _with_adapters(self, model: Any) -> tuple[Any, dict[str, AdapterVersion]]:
+        """`model` with ADAPTER_PATH merged into it, or with ADAPTERS every adapter unmerged; each name's version."""
+        if self.adapter_set is not None:
+            return self.adapter_set.attach(model), dict(self.adapter_set.versions)
+        adapter_path = Path(self.settings.adapter_path)
+        version = AdapterVersion(DEFAULT_ADAPTER, None, None)
+        if adapter_present(adapter_path):
+            content = adapter_hash(adapter_path)
+            model = self._merge_adapter(model, adapter_path)
+            version = AdapterVersion(DEFAULT_ADAPTER, str(adapter_path), content)
+        else:
+            logger.warning("no LoRA adapter at %s: running the base model alone (adapter: null)", adapter_path)
+        return model, {DEFAULT_ADAPTER: version}
 
     # -- reload ------------------------------------------------------------------------------
     def adapter_version(self, name: str) -> AdapterVersion:

@@ -34,6 +34,12 @@ _HEALTH = {
         "model_load_time": {"type": ["number", "null"], "description": "seconds"},
         "model": {"type": "string"},
         "adapter": {"type": ["string", "null"]},
+        "adapters": {
+            "type": ["array", "null"],
+            "items": {"type": "string"},
+            "description": "the adapter names an event may give: default (ADAPTER_PATH), then ADAPTERS; null while the "
+            "model loads",
+        },
         "dtype": {"type": ["string", "null"]},
         "warmup_time": {"type": ["number", "null"], "description": "seconds; null until warm"},
         "group": {"type": "string"},

@@ -59,6 +59,7 @@ def build_app(settings: Settings, state: ServiceState, metrics: Metrics) -> web.
             "model_load_time": info.model_load_time if info else None,
             "model": info.model if info else state.model,
             "adapter": info.adapter if info else None,
+            "adapters": list(info.adapter_names) if info else None,
             "dtype": info.dtype if info else None,
             "warmup_time": state.warmup_time,
             "group": settings.kafka_group_id,

@@ -121,6 +121,7 @@ class AdapterSet:
         old = self._internal.get(name)
         version = self._load(name, path, None)
         if old is not None:
+            self.model.set_adapter(self._internal[name])  # never delete the active one (peft warns, picks another)
             self.model.delete_adapter(old)
         self.versions[name] = version
         return version

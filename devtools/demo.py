@@ -22,6 +22,7 @@ from confluent_kafka import Consumer, Producer
 
 from devtools.local_kafka import REPO_ROOT, LocalKafka, create_topics, free_port
 from devtools.samples import png_base64, sample_diagram
+from devtools.tiny import SECOND_ADAPTER
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def choose_model() -> dict[str, str]:
         logger.info("demo uses the real model %s", model_id)
         return {"BASE_MODEL_ID": model_id}
     tiny_dir = DEMO_DIR / "tiny-model"
-    if not (tiny_dir / "adapter" / "adapter_config.json").exists():
+    if not (tiny_dir / SECOND_ADAPTER / "adapter_config.json").exists():
         from devtools.tiny import make_tiny_model
 
         make_tiny_model(tiny_dir)
@@ -66,6 +67,7 @@ def choose_model() -> dict[str, str]:
     return {
         "BASE_MODEL_ID": str(tiny_dir),
         "ADAPTER_PATH": str(tiny_dir / "adapter"),
+        "ADAPTERS": f"b={tiny_dir / SECOND_ADAPTER}",  # every other event asks for adapter b
         "MAX_NEW_TOKENS": os.environ.get("MAX_NEW_TOKENS", "48"),
     }
 
@@ -105,7 +107,8 @@ def run_demo(count: int = 6, timeout: float = 600.0) -> int:
         service = subprocess.Popen(
             [sys.executable, "-m", "consumer", "run"], env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT
         )
-        expected = produce_samples(bootstrap, topics["input"], image_root, count)
+        adapters = ["default", "b"] if "ADAPTERS" in env else ["default"]
+        expected = produce_samples(bootstrap, topics["input"], image_root, count, adapters)
         return print_results(bootstrap, topics, expected, service, timeout)
     finally:
         if service is not None and service.poll() is None:
@@ -118,7 +121,9 @@ def run_demo(count: int = 6, timeout: float = 600.0) -> int:
             broker.close()
 
 
-def produce_samples(bootstrap: str, topic: str, image_root: Path, count: int) -> int:
+def produce_samples(bootstrap: str, topic: str, image_root: Path, count: int, adapters: list[str] | None = None) -> int:
+    """`count` sample diagrams (by path and inline), each naming one of `adapters` in turn, and a broken one."""
+    adapters = adapters or ["default"]
     producer = Producer({"bootstrap.servers": bootstrap})
     for index in range(count):
         image = sample_diagram(index)
@@ -128,7 +133,8 @@ def produce_samples(bootstrap: str, topic: str, image_root: Path, count: int) ->
             reference = {"path": name}
         else:
             reference = {"base64": png_base64(image)}
-        event = {"id": f"diagram-{index}", "image": reference, "metadata": {"sample": index}}
+        adapter = adapters[index % len(adapters)]
+        event = {"id": f"diagram-{index}", "image": reference, "adapter": adapter, "metadata": {"sample": index}}
         producer.produce(topic, key=event["id"], value=json.dumps(event))
     producer.produce(topic, key="broken", value=json.dumps({"id": "broken", "image": {"path": "no-such.png"}}))
     producer.flush(30)
@@ -168,6 +174,7 @@ def print_results(
             meta = result["metadata"]
             print(
                 f"\n--- {result['id']} ({meta['image_size'][0]}x{meta['image_size'][1]}, {meta['device']}, "
+                f"adapter {meta.get('adapter_name')}, "
                 f"batch {meta['batch_size']}, {meta['generation_time']:.2f} s, {meta['output_tokens']} tokens)"
             )
             print(result["description"], flush=True)

@@ -26,3 +26,4 @@ def test_demo_prints_descriptions_and_the_dead_letter(kafka_bootstrap):
     assert done.stdout.count("\n--- diagram-") == 3
     assert "--- dead letter broken: [fetch]" in done.stdout
     assert "4/4 events answered" in done.stdout
+    assert "adapter b," in done.stdout and "adapter default," in done.stdout  # the tiny model's two adapters

@@ -13,6 +13,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from concurrent.futures import CancelledError
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING
@@ -37,6 +38,11 @@ _STOP = object()
 PREPARE_ALLOWANCE_S = 60.0
 """Besides the fetch's and the decode worker's own deadlines: what preparing one image may take before
 infer stops waiting for it (a backstop: the fetch and the decoder bound themselves)."""
+
+
+def _adapter_of(item: WorkItem) -> str | None:
+    """The adapter an event runs on; None for one that failed before (it needs no model and joins any batch)."""
+    return (item.event.adapter or DEFAULT_ADAPTER) if item.event is not None and item.failure is None else None
 
 
 def resolve_wait_s(settings: Settings) -> float:
@@ -68,6 +74,8 @@ class Infer:
         self.results, self.tracing = results, tracing
         """`results`: result keys, and the result cache's answers before the model (consumer/result_cache/)."""
         self._queue: queue.Queue[WorkItem | object] = queue.Queue()
+        self._held: deque[WorkItem] = deque()
+        """Events taken from the queue while a batch of another adapter gathered: the next batches' first."""
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
 
@@ -104,21 +112,44 @@ class Infer:
             self.latch.trip(exc)
 
     def _next_batch(self) -> list[WorkItem] | None:
-        """The next batch, or None when stopping."""
-        first = self._queue.get()
-        if not isinstance(first, WorkItem) or self._stopping.is_set():
+        """The next batch, or None when stopping.
+
+        With several adapters (ADAPTERS) a batch holds events of one adapter, the oldest waiting event's:
+        events of another that arrive meanwhile wait in `_held` and start the next batches. The engine
+        runs a mixed batch as one model call per adapter, which costs each call its own decode steps."""
+        if self._held:
+            first = self._held.popleft()
+        else:
+            queued = self._queue.get()
+            if not isinstance(queued, WorkItem):
+                return None
+            first = queued
+        if self._stopping.is_set():
             return None
         batch = [first]
+        adapter = _adapter_of(first)
+
+        def joins(item: WorkItem) -> bool:
+            nonlocal adapter
+            if adapter is None:  # so far only events that need no model: the next one decides
+                adapter = _adapter_of(item)
+            return _adapter_of(item) in (adapter, None)
+
+        waiting: deque[WorkItem] = deque()
+        while self._held:
+            held = self._held.popleft()
+            (batch if len(batch) < self.batch_size and joins(held) else waiting).append(held)
+        self._held = waiting
         deadline = time.monotonic() + self.settings.batch_max_wait_ms / 1000
         while len(batch) < self.batch_size:
             try:
-                item = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
+                queued = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
             except queue.Empty:
                 break
-            if not isinstance(item, WorkItem):
-                self._queue.put(item)
+            if not isinstance(queued, WorkItem):
+                self._queue.put(queued)
                 break
-            batch.append(item)
+            (batch if joins(queued) else self._held).append(queued)
         return None if self._stopping.is_set() else batch
 
     def _describe(self, batch: list[WorkItem]) -> list[Outcome]:

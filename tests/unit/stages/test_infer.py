@@ -16,7 +16,7 @@ from consumer.images import LoadedImage
 from consumer.metrics import Metrics
 from consumer.offsets import OffsetTracker
 from consumer.settings import Settings
-from consumer.stages.base import Described, Failed, FatalLatch, Outcome
+from consumer.stages.base import Described, Failed, FatalLatch, Outcome, WorkItem
 from consumer.stages.infer import Infer
 from tests.fakes import Collector, DescribingGenerator, describe, image_of, tracked, wait_for
 
@@ -83,6 +83,29 @@ def test_a_batch_is_cut_at_batch_size(build):
     stage.start()
     wait_for(lambda: len(outcomes(collector)) == 4, what="four outcomes")
     assert generator.calls == [[said(0), said(1)], [said(2), said(3)]]
+
+
+def on_adapter(item: WorkItem, adapter: str | None) -> WorkItem:
+    assert item.event is not None
+    item.event = item.event.model_copy(update={"adapter": adapter})
+    return item
+
+
+def test_with_several_adapters_a_batch_holds_one_adapter_and_the_others_start_the_next(build):
+    generator = DescribingGenerator()
+    stage, tracker, _, _, collector = build(generator, batch_size=3, batch_max_wait_ms=200)
+    adapters = [None, "b", "default", "b", "c", "b", "default"]
+    for offset, adapter in enumerate(adapters):
+        stage.submit(on_adapter(tracked(tracker, TP, offset), adapter))
+    failed = tracked(tracker, TP, 7)
+    failed.failure = ParseError("not an event", reason="not_json")
+    stage.submit(failed)
+    stage.start()
+    wait_for(lambda: len(outcomes(collector)) == 8, what="eight outcomes")
+    # The oldest waiting event's adapter first (no `adapter` is `default`), batch size respected, no event lost.
+    assert generator.calls == [[said(0), said(2), said(6)], [said(1), said(3), said(5)], [said(4)]]
+    last = {o.item.record.offset: o for o in collector.taken[2]}
+    assert sorted(last) == [4, 7] and isinstance(last[7], Failed)  # a failure joins any batch
 
 
 def test_a_partial_batch_goes_once_the_wait_is_over(build):

@@ -1,8 +1,10 @@
 """Qwen3-VL + LoRA through transformers and peft: the engine the service runs.
 
 Load once: base model from BASE_MODEL_ID (hub id or local directory), the LoRA adapter from
-ADAPTER_PATH merged into the weights (no per-token adapter cost), the processor from the adapter
-directory where it carries one (the old service did this), else from the base model. Generation is
+ADAPTER_PATH merged into the weights (no per-token adapter cost), or with ADAPTERS every adapter
+unmerged, each call running on one (consumer/engine/lora.py); the processor from the adapter
+directory where it carries one (the old service did this), else from the base model. An adapter is
+loaded again while serving by `reload_adapter` (consumer/engine/reload.py decides when). Generation is
 greedy. By default (BATCH_INVARIANT) each image's text depends on that image and its prompt alone,
 in every dtype: consumer/engine/invariant.py. With BATCH_INVARIANT=false a batch goes through
 transformers' generate with left padding, which in float32 gave the same text as one image at a
@@ -108,7 +110,8 @@ def compile_forward(model: Any) -> None:
 
 
 class QwenVLEngine:
-    """Qwen3-VL (any AutoModelForImageTextToText checkpoint) with an optional merged LoRA adapter."""
+    """Qwen3-VL (any AutoModelForImageTextToText checkpoint) with an optional merged LoRA adapter, or with
+    ADAPTERS several unmerged ones; model calls and adapter swaps take turns on one lock."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

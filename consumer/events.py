@@ -210,8 +210,9 @@ class ResultMetadata(GenerationMetadata):
     result_key: str | None = Field(
         None,
         description="sha256, hex, of what determines the description: the image's bytes, the prompt, the model "
-        "(id, and for a local directory its config and weight files), the adapter's content, max_new_tokens, "
-        "the image pixel bounds and the dtype; the key of the result cache (docs/result-cache.md)",
+        "(id, and for a local directory its config and weight files), the content of the adapter the event names "
+        "(and with ADAPTERS, that it ran unmerged), max_new_tokens, the image pixel bounds and the dtype; the key "
+        "of the result cache (docs/result-cache.md)",
     )
     cache: CacheStatus = Field(
         "off",

@@ -69,6 +69,9 @@ class ResultKeyer:
     image_min_pixels: int
     image_max_pixels: int
     dtype: str
+    unmerged: bool = False
+    """ADAPTERS set: adapters run unmerged (x W + x A B instead of x (W + A B)), which can round to another
+    text than the same adapter merged, so such results get keys of their own."""
 
     @classmethod
     def for_engine(cls, settings: Settings, info: EngineInfo) -> ResultKeyer:
@@ -81,6 +84,7 @@ class ResultKeyer:
             image_min_pixels=settings.image_min_pixels,
             image_max_pixels=settings.image_max_pixels,
             dtype=info.dtype,
+            unmerged=bool(settings.adapters),
         )
 
     def key(self, image_hash: str, prompt: str, adapter: str | None | _Keyed = _KEYED) -> str:
@@ -97,5 +101,7 @@ class ResultKeyer:
             "image_pixels": [self.image_min_pixels, self.image_max_pixels],
             "dtype": self.dtype,
         }
+        if self.unmerged:
+            document["lora"] = "unmerged"  # only then: keys without ADAPTERS stay as they were
         text = json.dumps(document, sort_keys=True, ensure_ascii=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()

@@ -94,6 +94,14 @@ def test_the_adapter_content_changes_it_not_its_path(tmp_path):
     assert keyer().key(IMAGE, PROMPT) != with_first  # the base model alone
 
 
+def test_an_adapter_run_unmerged_under_adapters_has_keys_of_its_own(tmp_path):
+    adapter = make_adapter(tmp_path / "a", b"\x01" * 64)
+    merged = keyer(engine=info(adapter=str(adapter)))
+    unmerged = keyer(Settings.from_environ({}, adapters=(("b", tmp_path / "b"),)), info(adapter=str(adapter)))
+    assert unmerged.key(IMAGE, PROMPT) != merged.key(IMAGE, PROMPT)
+    assert unmerged.key(IMAGE, PROMPT, "hash-b") != unmerged.key(IMAGE, PROMPT)  # each adapter by its content
+
+
 def test_what_does_not_change_it():
     """The device, the batch size, the topics and the event's own fields are not part of what is described."""
     base = keyer().key(IMAGE, PROMPT)

@@ -54,7 +54,7 @@ from consumer.engine.device import dtype_name, resolve_dtype
 from consumer.engine.qwen import QwenVLEngine
 from consumer.settings import Settings
 from devtools.samples import sample_diagram
-from devtools.tiny import REAL_2B, SECOND_ADAPTER, make_tiny_model
+from devtools.tiny import REAL_2B, SECOND_ADAPTER, make_tiny_model, randomize_lora_b
 
 IMAGE_SIZE = (512, 384)
 REAL_TEXT_LAYERS = REAL_2B.num_hidden_layers
@@ -69,10 +69,7 @@ def write_adapters(arch, token_ids: dict, directory: Path) -> tuple[Path, Path]:
     paths = []
     for seed, name in ((1, "a"), (2, "b")):
         torch.manual_seed(seed)
-        with torch.no_grad():
-            for parameter_name, parameter in peft_model.named_parameters():
-                if "lora_B" in parameter_name:
-                    parameter.normal_(0.0, 0.01)
+        randomize_lora_b(peft_model, 0.01)
         peft_model.save_pretrained(directory / name)
         paths.append(directory / name)
     return paths[0], paths[1]

@@ -24,6 +24,7 @@ from devtools.tiny import (
     _train_tokenizer,
     make_processor,
     qwen3_vl_config,
+    randomize_lora_b,
     special_token_ids,
 )
 
@@ -142,10 +143,7 @@ def random_model(
     from peft import LoraConfig, get_peft_model
 
     peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS, lora_dropout=0.0))
-    with torch.no_grad():
-        for name, parameter in peft_model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0.0, 0.01)
+    randomize_lora_b(peft_model, 0.01)
     peft_model.eval()
     return peft_model.merge_and_unload() if lora == "merged" else peft_model
 

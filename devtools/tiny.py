@@ -239,6 +239,17 @@ def make_processor(tokenizer, chat_template: str = CHAT_TEMPLATE):
     )
 
 
+def randomize_lora_b(peft_model, std: float) -> None:
+    """Draw every lora_B weight of `peft_model` from N(0, std): peft starts them at zero, where an adapter
+    changes nothing. Uses torch's global generator, in named_parameters order."""
+    import torch
+
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0.0, std)
+
+
 def make_tiny_model(directory: Path, seed: int = 0) -> Path:
     """Write a tiny random Qwen3-VL checkpoint to `directory`, a LoRA adapter to `directory/adapter` and a
     second, different one to `directory/adapter-b` (for ADAPTERS).
@@ -271,17 +282,11 @@ def make_tiny_model(directory: Path, seed: int = 0) -> Path:
         lora_dropout=0.0,
     )
     peft_model = get_peft_model(model, lora)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.5)
+    randomize_lora_b(peft_model, 0.5)
     adapter_dir = directory / "adapter"
     peft_model.save_pretrained(adapter_dir)
     # A second fine-tune of the same shape (ADAPTERS=b=DIR/adapter-b): other lora_B weights, other texts.
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.5)
+    randomize_lora_b(peft_model, 0.5)
     peft_model.save_pretrained(directory / SECOND_ADAPTER)
     (directory / "TINY_MODEL.json").write_text(
         json.dumps({"note": "random weights: descriptions are meaningless", "seed": seed}) + "\n"

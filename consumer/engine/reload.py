@@ -31,9 +31,10 @@ Signature = tuple[tuple[str, int, int], ...]
 def file_signature(path: Path) -> Signature:
     """The stat of the files that define the adapter in `path` (empty without one)."""
     try:
-        return tuple((file.name, file.stat().st_size, file.stat().st_mtime_ns) for file in adapter_files(path))
+        stats = [(file.name, file.stat()) for file in adapter_files(path)]
     except OSError:
         return ()
+    return tuple((name, stat.st_size, stat.st_mtime_ns) for name, stat in stats)
 
 
 class AdapterWatcher:

@@ -10,7 +10,8 @@ vision block (the prefill only makes the cache), random weights, TORCH_DTYPE=aut
 384-token description; the engine's own `InvariantDecoder.step` runs on them. Each batch gets its
 step time and a torch.profiler split by kind (matmuls, attention, the rest), against the step's memory
 bound: the weights streamed once per call of DECODE_ROWS rows plus every sequence's keys and values read
-once, at the copy rate this run measures. Writes bench/results/decode-profile-<flavour>[-rows<N>].json.
+once, at the streaming-read rate this run measures (bench.engine_cpu's `memory_bandwidth`).
+Writes bench/results/decode-profile-<flavour>[-rows<N>].json.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from bench.engine_common import (
     reduced,
     write_json,
 )
-from bench.engine_cpu import copied_sequence, invariant_prefill
+from bench.engine_cpu import copied_sequence, invariant_prefill, memory_bandwidth
 from bench.prefill_profile import kind_of
 from consumer.engine.base import GenerationRequest
 from consumer.engine.device import cpu_flavour, dtype_name, resolve_dtype
@@ -41,18 +42,6 @@ from consumer.engine.qwen import QwenVLEngine
 from consumer.settings import Settings
 from devtools.samples import sample_diagram
 from devtools.tiny import REAL_2B
-
-
-def copy_rate_gb_s(size_mb: int = 512) -> float:
-    """Memory copy rate (read + write counted once each), the best of three."""
-    source = torch.empty(size_mb * 2**20, dtype=torch.uint8)
-    target = torch.empty_like(source)
-    best = float("inf")
-    for _ in range(3):
-        started = time.perf_counter()
-        target.copy_(source)
-        best = min(best, time.perf_counter() - started)
-    return 2 * source.numel() / best / 1e9
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,11 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     weight_bytes = sum(p.numel() for p in text.layers.parameters()) * DTYPE_BYTES[dtype]
     weight_bytes += engine.model.lm_head.weight.numel() * DTYPE_BYTES[dtype]
     kv_bytes_per_sequence = sum(k[:, :, :context].numel() * k.element_size() * 2 for k in sequence.keys)
-    rate = copy_rate_gb_s()
+    rate = memory_bandwidth(2.0)
 
     flavour = cpu_flavour()
     rows = []
-    print(f"{flavour}, {dtype_name(dtype)}, 28 text layers, context {context}; copy rate {rate:.1f} GB/s")
+    print(f"{flavour}, {dtype_name(dtype)}, 28 text layers, context {context}; streaming reads {rate:.1f} GB/s")
     print(f"weights {weight_bytes / 1e9:.2f} GB a step; keys and values {kv_bytes_per_sequence / 1e6:.0f} MB each")
     print("| batch | step s (median) | memory bound s | x bound | matmul | attention | rest |")
     print("|---|---|---|---|---|---|---|")
@@ -131,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             "dtype": dtype_name(dtype),
             "decode_row_blocks": decoder.blocks.describe(),
             "context": context,
-            "copy_rate_gb_s": rate,
+            "memory_gb_s": rate,
             "weight_bytes_per_step": weight_bytes,
             "kv_bytes_per_sequence": kv_bytes_per_sequence,
             "load_average": os.getloadavg(),

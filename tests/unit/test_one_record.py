@@ -70,7 +70,8 @@ json_values = st.recursive(
 def mutated_event(draw: st.DrawFn) -> bytes:
     """A valid event, then a field replaced by something arbitrary, nested deep, or made hostile."""
     event: dict[str, Any] = {"id": draw(st.text(min_size=1, max_size=30)), "image": {"base64": png_base64(1)}}
-    for field in draw(st.lists(st.sampled_from(["id", "image", "prompt", "metadata", "image.url", "extra"]))):
+    fields = ["id", "image", "prompt", "metadata", "image.url", "adapter", "extra"]
+    for field in draw(st.lists(st.sampled_from(fields))):
         if field == "image.url":
             event["image"] = {"url": "http://" + draw(hostile_text)}
         else:

@@ -21,11 +21,13 @@ Sections:
   rows hold and wherever the row sits? Reported per kernel as the row counts that agree.
 - patch-embedding: the vision encoder's Conv3d patch embedding of a 1024x768 image (3072 patches of
   2x16x16) against the same product as one matmul (consumer/engine/qwen.py PatchEmbedding).
-- attention: one text layer's decode attention. float32 at batch 16 over a 1024x768 diagram's
-  context half-way through 384 new tokens (1062 filled positions), over the filled prefix
-  (FilledStaticCache) against the whole preallocated prompt + 384 (transformers' StaticCache); and
-  bfloat16 per sequence (the engine's BATCH_INVARIANT decode), queries packed per KV head or with
-  SDPA's enable_gqa, against the streaming read rate.
+- attention: one text layer's decode attention at batch 16 over a 1024x768 diagram's context
+  half-way through 384 new tokens (1062 filled positions). float32: over the filled prefix
+  (FilledStaticCache) against the whole preallocated prompt + 384 (transformers' StaticCache).
+  bfloat16, over 28 layers' caches as a real step reads them: per sequence (the engine's
+  BATCH_INVARIANT decode) with queries packed per KV head or SDPA's enable_gqa, all sequences in one
+  call (equal lengths only), and a paged form from PyTorch ops (any lengths, batch-invariant),
+  against the streaming read rate.
 """
 
 from __future__ import annotations
@@ -263,48 +265,129 @@ def patch_embedding_section() -> dict:
 
 
 # -- attention --------------------------------------------------------------------------------------
+PAGE = 128  # positions per page of the paged form below
+
+
 def grouped_query_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """SDPA with its own grouped-query support: 16 query heads on 8 KV heads, no repeat, no packing."""
     return F.scaled_dot_product_attention(query, keys, values, scale=128**-0.5, enable_gqa=True)
 
 
-def attention_section(stream_gb_s: float, batch: int = 16, filled: int = 1062, preallocated: int = 1254) -> dict:
-    """One text layer's decode attention (16 query heads on 8 KV heads of 128)."""
+def paged_attention(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor
+) -> torch.Tensor:
+    """Decode attention of every sequence in one set of calls, each over its own length, from PyTorch ops alone.
+
+    query (n, kv heads, queries per kv head, dim); keys and values (n, kv heads, positions, dim), the
+    positions a multiple of PAGE and zero past each sequence's length. Every page is one fixed-shape
+    matmul and sums run in page order (cumsum), so a row's result depends on its own cache only: the
+    batch-invariant shape of a varlen kernel, to measure what PyTorch's own ops make of it.
+    """
+    count, kv_heads, positions, dim = keys.shape
+    pages = positions // PAGE
+    key_pages = keys.unflatten(2, (pages, PAGE))  # (n, kv, pages, PAGE, dim)
+    scores = torch.matmul(query.unsqueeze(2), key_pages.transpose(-1, -2)).float() * dim**-0.5
+    filled = torch.arange(positions).view(pages, 1, PAGE) < lengths.view(-1, 1, 1, 1, 1)
+    scores = scores.masked_fill(~filled, float("-inf"))
+    page_max = scores.amax(-1, keepdim=True)
+    page_max = torch.where(page_max.isinf(), torch.zeros_like(page_max), page_max)
+    weights = torch.exp(scores - page_max)
+    page_sum = weights.cumsum(-1)[..., -1:]
+    page_out = torch.matmul(weights.to(values.dtype), values.unflatten(2, (pages, PAGE))).float()
+    rescale = torch.exp(page_max - page_max.amax(2, keepdim=True))
+    out = (rescale * page_out).cumsum(2)[:, :, -1] / (rescale * page_sum).cumsum(2)[:, :, -1]
+    return out.to(query.dtype)
+
+
+def attention_section(
+    stream_gb_s: float, batch: int = 16, filled: int = 1062, preallocated: int = 1254, layers: int = 28
+) -> dict:
+    """A decode step's attention (16 query heads on 8 KV heads of 128).
+
+    float32: one layer, transformers' batched SDPA over the preallocated cache or its filled prefix.
+    bfloat16: every one of the text model's `layers`, each with its own caches as in a real step (a
+    layer's caches fit a large L3, the step's do not), timed per layer.
+    """
     sdpa = torch.nn.functional.scaled_dot_product_attention
     scale = 128**-0.5
     query = torch.randn(batch, 8, 2, 128)  # transformers' pack_gqa: (batch, kv heads, queries per kv head, dim)
     keys, values = torch.randn(batch, 8, preallocated, 128), torch.randn(batch, 8, preallocated, 128)
     mask = torch.zeros(batch, 1, 1, preallocated, dtype=torch.bool)
     mask[..., :filled] = True
-    # The engine's BATCH_INVARIANT decode: one call per sequence over its own cache, in bfloat16.
-    rows_k = [torch.randn(1, 8, preallocated, 128).bfloat16() for _ in range(batch)]
-    rows_v = [torch.randn(1, 8, preallocated, 128).bfloat16() for _ in range(batch)]
+    # Each layer's caches side by side, zero past `filled` and padded to whole pages; the per-sequence
+    # cases (the engine's BATCH_INVARIANT decode) read each sequence's slice of them.
+    paged_length = -(-preallocated // PAGE) * PAGE
+    caches = []
+    for _ in range(layers):
+        layer_k = torch.zeros(batch, 8, paged_length, 128, dtype=torch.bfloat16)
+        layer_v = torch.zeros_like(layer_k)
+        layer_k[:, :, :filled], layer_v[:, :, :filled] = torch.randn(2, batch, 8, filled, 128).bfloat16()
+        caches.append((layer_k, layer_v))
     rows_q = torch.randn(batch, 16, 1, 128).bfloat16()
+    lengths = torch.full((batch,), filled)
+    visible = -(-filled // PAGE) * PAGE
+
+    def every_layer(attend: Callable[[torch.Tensor, torch.Tensor], object]) -> Callable[[], object]:
+        return lambda: [attend(layer_k, layer_v) for layer_k, layer_v in caches]
+
+    def per_sequence(attend: Callable[[int, torch.Tensor, torch.Tensor], object]) -> Callable[[], object]:
+        return every_layer(
+            lambda k, v: [attend(r, k[r : r + 1, :, :filled], v[r : r + 1, :, :filled]) for r in range(batch)]
+        )
+
     best = best_of(
         {
             "fp32 batched, preallocated": lambda: sdpa(query, keys, values, attn_mask=mask, scale=scale),
             "fp32 batched, filled": lambda: sdpa(
                 query, keys[:, :, :filled], values[:, :, :filled], attn_mask=mask[..., :filled], scale=scale
             ),
-            "bf16 per sequence, pack_gqa": lambda: [
-                sdpa(rows_q[r].reshape(1, 8, 2, 128), rows_k[r][:, :, :filled], rows_v[r][:, :, :filled], scale=scale)
-                for r in range(batch)
-            ],
-            "bf16 per sequence, enable_gqa": lambda: [
-                grouped_query_attention(rows_q[r : r + 1], rows_k[r][:, :, :filled], rows_v[r][:, :, :filled])
-                for r in range(batch)
-            ],
-        }
+            "bf16 per sequence, pack_gqa": per_sequence(
+                lambda r, k, v: sdpa(rows_q[r].reshape(1, 8, 2, 128), k, v, scale=scale)
+            ),
+            "bf16 per sequence, enable_gqa": per_sequence(
+                lambda r, k, v: grouped_query_attention(rows_q[r : r + 1], k, v)
+            ),
+            "bf16 all sequences in one call, enable_gqa (equal lengths only)": every_layer(
+                lambda k, v: grouped_query_attention(rows_q, k[:, :, :filled], v[:, :, :filled])
+            ),
+            "bf16 paged, PyTorch ops (any lengths)": every_layer(
+                lambda k, v: paged_attention(
+                    rows_q.view(batch, 8, 2, 128), k[:, :, :visible], v[:, :, :visible], lengths
+                )
+            ),
+        },
+        rounds=3,
+        calls=1,
     )
     kv_bytes = {"fp32": 2 * batch * 8 * filled * 128 * 4, "bf16": 2 * batch * 8 * filled * 128 * 2}
-    result = {"batch": batch, "filled": filled, "preallocated": preallocated, "stream_gb_s": stream_gb_s}
+    result: dict = {"batch": batch, "filled": filled, "preallocated": preallocated, "layers": layers}
+    result["stream_gb_s"] = stream_gb_s
     for name, seconds in best.items():
-        result[f"{name} ms"] = seconds * 1e3
-        result[f"{name} GB/s"] = kv_bytes[name[:4]] / seconds / 1e9
+        per_layer = seconds if name.startswith("fp32") else seconds / layers
+        result[f"{name} ms"] = per_layer * 1e3
+        result[f"{name} GB/s"] = kv_bytes[name[:4]] / per_layer / 1e9
         print(
-            f"attention, one layer at batch {batch}, {filled} positions: {name} {seconds * 1e3:.2f} ms "
-            f"({kv_bytes[name[:4]] / seconds / 1e9:.1f} GB/s of keys and values)"
+            f"attention, one layer at batch {batch}, {filled} positions: {name} {per_layer * 1e3:.2f} ms "
+            f"({kv_bytes[name[:4]] / per_layer / 1e9:.1f} GB/s of keys and values)"
         )
+    # The paged form is a faithful attention, and a row's bits do not depend on the other rows.
+    layer_k, layer_v = caches[0]
+    paged = paged_attention(rows_q.view(batch, 8, 2, 128), layer_k, layer_v, lengths).reshape(batch, 16, 1, 128)
+    reference = torch.cat(
+        [
+            grouped_query_attention(rows_q[r : r + 1], layer_k[r : r + 1, :, :filled], layer_v[r : r + 1, :, :filled])
+            for r in range(batch)
+        ]
+    )
+    alone = paged_attention(
+        rows_q[:1].view(1, 8, 2, 128), layer_k[:1, :, :visible], layer_v[:1, :, :visible], lengths[:1]
+    )
+    result["paged max abs difference from SDPA"] = (paged.float() - reference.float()).abs().max().item()
+    result["paged row alone equals the row in the batch"] = torch.equal(alone.reshape(16, 1, 128), paged[0])
+    print(
+        f"paged form: max abs difference from SDPA {result['paged max abs difference from SDPA']:.2g}; a row alone "
+        f"{'equals' if result['paged row alone equals the row in the batch'] else 'DIFFERS FROM'} the row in the batch"
+    )
     return result
 
 

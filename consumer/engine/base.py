@@ -79,6 +79,8 @@ class EngineInfo:
     """The batch this engine runs best at on its device; BATCH_SIZE, when set, overrides it."""
     adapter_names: tuple[str, ...] = (DEFAULT_ADAPTER,)
     """The adapters an event may name: `default` (ADAPTER_PATH), then those of ADAPTERS."""
+    adapter_hash: str | None = None
+    """The content hash (consumer/engine/adapter_hash.py) of `adapter` as it was loaded; None without one."""
 
 
 class Generator(Protocol):

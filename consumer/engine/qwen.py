@@ -153,6 +153,7 @@ class QwenVLEngine:
             model_load_time=0.0,
             default_batch_size=default_batch_size(device, engine._flavour(device), model.dtype),
             adapter_names=tuple(engine.adapters),
+            adapter_hash=engine.adapters[DEFAULT_ADAPTER].hash,
         )
         return engine
 
@@ -172,18 +173,19 @@ class QwenVLEngine:
         self.model, self.adapters = self._build_model()
         self.decoder = self._invariant_decoder(self.model)
         self.processor = self._load_processor(Path(settings.adapter_path), token)
-        adapter = self.adapters[DEFAULT_ADAPTER].path
+        adapter = self.adapters[DEFAULT_ADAPTER]
         self.info = EngineInfo(
             model=settings.base_model_id,
-            adapter=adapter,
+            adapter=adapter.path,
             device=device,
             dtype=dtype_name(dtype),
             backend="transformers",
             model_load_time=round(time.perf_counter() - started, 3),
             default_batch_size=default_batch_size(device, self._flavour(device), dtype),
             adapter_names=tuple(self.adapters),
+            adapter_hash=adapter.hash,
         )
-        logger.info("model ready in %.2f s (adapter: %s)", self.info.model_load_time, adapter)
+        logger.info("model ready in %.2f s (adapter: %s)", self.info.model_load_time, adapter.path)
         return self.info
 
     def _build_model(self) -> tuple[Any, dict[str, AdapterVersion]]:

@@ -15,7 +15,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from consumer.engine.adapter_hash import adapter_hash
 from consumer.engine.base import EngineInfo
 from consumer.settings import Settings
 
@@ -75,11 +74,11 @@ class ResultKeyer:
 
     @classmethod
     def for_engine(cls, settings: Settings, info: EngineInfo) -> ResultKeyer:
-        """The keyer of a loaded engine. Hashes the adapter's weights once (a second or so for 100 MB)."""
+        """The keyer of a loaded engine, keyed on its adapter's content as the engine hashed it when loading."""
         return cls(
             model=info.model,
             model_fingerprint=model_fingerprint(info.model),
-            adapter=adapter_hash(info.adapter) if info.adapter else None,
+            adapter=info.adapter_hash,
             max_new_tokens=settings.max_new_tokens,
             image_min_pixels=settings.image_min_pixels,
             image_max_pixels=settings.image_max_pixels,

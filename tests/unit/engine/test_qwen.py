@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from consumer.engine.adapter_hash import adapter_hash
 from consumer.engine.base import EngineLoadError, GenerationRequest
 from consumer.engine.qwen import QwenVLEngine
 from consumer.settings import Settings
@@ -186,6 +187,7 @@ def test_adapter_is_merged_and_changes_the_output(dtype, request, tiny_model, tm
     base = load_engine(tiny_model, adapter_path=tmp_path / "empty", torch_dtype=dtype)
     assert base.info.adapter is None
     assert engine.info.adapter == str(tiny_model / "adapter")
+    assert engine.info.adapter_hash == adapter_hash(tiny_model / "adapter") and base.info.adapter_hash is None
     # Merged: no LoRA modules are left to cost time at every token.
     assert not any("lora" in name for name, _ in engine.model.named_parameters())
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from hypothesis import given
 from hypothesis import strategies as st
 
+from consumer.engine.adapter_hash import adapter_hash
 from consumer.engine.base import EngineInfo
 from consumer.result_cache.key import ResultKeyer, content_hash, model_fingerprint
 from consumer.settings import Settings
@@ -18,7 +19,9 @@ PROMPT = "Describe this diagram"
 
 
 def info(model: str = "Qwen/Qwen3-VL-2B-Instruct", adapter: str | None = None, **changes: object) -> EngineInfo:
+    """A loaded engine's info; with `adapter`, its content hash as the engine computes it when loading."""
     fields: dict = dict(model=model, adapter=adapter, device="cpu", dtype="bfloat16", backend="transformers")
+    fields["adapter_hash"] = adapter_hash(adapter)
     fields.update({"model_load_time": 1.0, "default_batch_size": 16, **changes})
     return EngineInfo(**fields)
 

@@ -22,6 +22,7 @@ import pytest
 from confluent_kafka import Consumer
 from PIL import Image
 
+from consumer.errors import ExitCode
 from devtools.samples import png_bytes, sample_diagram
 from tests.support import (
     ServiceRunner,
@@ -268,6 +269,46 @@ def test_broker_restart_loses_nothing_and_the_service_recovers(own_broker, echo_
     assert set(ids_in(read_to_end(bootstrap, topics.output))) == set(before + after)
     runner.signal()
     assert runner.wait(30) == 0, runner.log()
+
+
+# -- SIGTERM while the broker has stopped answering ----------------------------------------------------
+@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
+def test_sigterm_with_the_broker_frozen_exits_by_the_shutdown_timeout(own_broker, echo_service, request, guarantee):
+    """An orchestrator's grace period is sized to SHUTDOWN_TIMEOUT: a replica whose broker stopped answering
+    (frozen, not refusing connections) leaves by then, saying its work is unfinished, and a successor finds
+    every event once the broker is back."""
+    bootstrap = own_broker.bootstrap_servers
+    topics = create_test_topics(bootstrap, request.node.name, partitions=1)
+    ids = [f"frozen-{index}" for index in range(8)]
+    produce(bootstrap, topics.input, [event(event_id) for event_id in ids])
+    shutdown_timeout = 10
+    runner = echo_service(
+        bootstrap,
+        topics,
+        PROCESSING_GUARANTEE=guarantee,
+        ECHO_DELAY_MS="2000",
+        BATCH_SIZE="4",
+        BATCH_MAX_WAIT_MS="500",
+        SHUTDOWN_TIMEOUT=str(shutdown_timeout),
+    ).start()
+    wait_for(lambda: "generating a batch of" in runner.full_log(), 30, "a batch to start", runner.log())
+    own_broker.process.send_signal(signal.SIGSTOP)
+    try:
+        runner.signal(signal.SIGTERM)
+        started = time.monotonic()
+        status = runner.wait(shutdown_timeout + 60)
+        took = time.monotonic() - started
+    finally:
+        own_broker.process.send_signal(signal.SIGCONT)
+    print(f"exited {status} after {took:.1f} s")
+    assert status == ExitCode.UNFINISHED, runner.log()
+    # Then leaving the group: librdkafka gives its LeaveGroup request 5 s, and the docs promise "a few seconds".
+    assert took < shutdown_timeout + 8, runner.log()
+
+    successor = echo_service(bootstrap, topics, PROCESSING_GUARANTEE=guarantee).start()
+    settled, committed, ends = committed_equals_end(bootstrap, topics.group, topics.input, timeout=90)
+    assert settled, f"committed {committed} != end offsets {ends}\n{successor.log()}"
+    assert set(ids_in(read_to_end(bootstrap, topics.output))) == set(ids)  # nothing lost
 
 
 # -- SIGTERM while a batch is generating -----------------------------------------------------------------

@@ -6,7 +6,10 @@ broker has acknowledged it. The poll thread commits, per partition, the offset b
 is done (`OffsetTracker`), asynchronously and often. Before partitions go (a revocation, the
 shutdown) it commits once more and waits for the answer, sending again every point the broker has not
 acknowledged: an asynchronous commit queued behind a rebalance is refused late, for its stale
-generation, and must not count as done. A record the producer cannot deliver within
+generation, and must not count as done. The shutdown waits for those answers only until its deadline,
+and the revocation that leaving the group brings after it waits for nothing more: a broker that stopped
+answering (up to socket.timeout.ms for a synchronous commit) does not hold the process past
+SHUTDOWN_TIMEOUT. A record the producer cannot deliver within
 `message.timeout.ms` is fatal: the service stops without committing its input, and another member
 redoes it.
 """
@@ -37,6 +40,8 @@ class AtLeastOnce(DeliveryBase):
     """Produce with delivery callbacks; the poll thread commits what the broker acknowledged."""
 
     _last_commit = 0.0
+    _shutdown_deadline: float | None = None
+    """Set by `join`: the monotonic time after which nothing more is waited for."""
 
     def start(self, stopping: threading.Event) -> None:
         return None
@@ -143,12 +148,24 @@ class AtLeastOnce(DeliveryBase):
     @contextmanager
     def revoking(self, tps: list[TopicPartitionKey], broker_ok: bool, lost: bool = False) -> Iterator[None]:
         if not self.latch.tripped() and not lost:
-            self.producer.flush(REVOKE_FLUSH_S)  # results already produced get acknowledged...
-            self.commit(tps, wait=broker_ok)  # ...and their inputs committed before the partitions go
+            if self._shutdown_deadline is None:
+                self.producer.flush(REVOKE_FLUSH_S)  # results already produced get acknowledged...
+                self.commit(tps, wait=broker_ok)  # ...and their inputs committed before the partitions go
+            else:
+                # Leaving the group after `join`, which already waited as long as the shutdown allows.
+                self.producer.flush(max(0.0, min(REVOKE_FLUSH_S, self._shutdown_deadline - time.monotonic())))
+                self.commit(tps)
         yield
 
     def join(self, timeout: float, between: Callable[[], None] | None = None) -> bool:
+        """Publish what is queued and commit it, waiting for the broker's answers until `timeout` has passed.
+
+        The commits are asynchronous and answered in `between` (default: a consumer poll, which returns
+        no records while every partition is paused, as they are at shutdown), so a broker that stopped
+        answering costs no more than the deadline. A refused commit is sent again.
+        """
         deadline = time.monotonic() + timeout
+        self._shutdown_deadline = deadline
         unsent = self.producer.flush(max(timeout, 0.5))
         if unsent:
             logger.warning("%d records were not acknowledged before the shutdown deadline", unsent)
@@ -158,16 +175,15 @@ class AtLeastOnce(DeliveryBase):
             if not self.state.broker_ok:
                 logger.warning("broker unreachable at shutdown: the last offsets are not committed")
                 return False
-            if self.commit(wait=True):
-                return unsent == 0
+            if not self.tracker.commit_points(unacknowledged=True):
+                return unsent == 0  # everything acknowledged is committed
             if time.monotonic() >= deadline:
                 logger.warning("the last offsets were not committed before the shutdown deadline")
                 return False
-            # Refused, most often by a rebalance under way (the request waited behind it and carried the
-            # old generation): once this member has the new generation, or has handed the partitions
-            # over (committing them as they go), the same points are committed.
-            (between or _pause)()
+            # Sends what is done and not yet sent; a point refused meanwhile (most often by a rebalance under
+            # way: the request waited behind it and carried the old generation) counts as unsent again.
+            self.commit()
+            (between or self._serve_callbacks)()
 
-
-def _pause() -> None:
-    time.sleep(0.1)
+    def _serve_callbacks(self) -> None:
+        self.consumer.poll(0.1)

@@ -7,6 +7,7 @@ a FakeConsumer; records are built by the real Records stage, so their fallbacks 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -173,10 +174,25 @@ def test_join_asks_again_while_a_rebalance_refuses_its_commit(rig, monkeypatch):
 
     def between() -> None:  # the pipeline serves the group's callbacks here: the rebalance completes
         rounds.append(1)
+        r.consumer.poll(0)
         r.consumer.commit_error = None
 
     assert r.delivery.join(5, between=between) is True
-    assert rounds == [1] and r.consumer.committed_offsets == {TP: 12}
+    assert len(rounds) == 2  # refused, then sent again and acknowledged
+    assert r.consumer.commits == [{TP: 12}] and r.consumer.committed_offsets == {TP: 12}
+
+
+def test_join_waits_for_an_unanswered_commit_only_until_its_deadline(rig):
+    """A broker that stopped answering: the commit is sent, its answer never comes, and join returns at its
+    deadline instead of blocking in a synchronous commit for socket.timeout.ms."""
+    r = rig()
+    r.publish([10])
+    rounds = []
+    assert r.delivery.join(0.3, between=lambda: rounds.append(time.sleep(0.01))) is False  # answers never served
+    assert len(rounds) >= 1 and r.consumer.commits == [{TP: 11}]  # sent once, not again while unanswered
+    with r.delivery.revoking([TP], broker_ok=True):  # leaving the group afterwards: no waited commit either
+        r.tracker.revoke(TP)
+    assert r.consumer.commits == [{TP: 11}]
 
 
 def test_join_gives_up_on_a_refused_commit_at_its_deadline(rig):

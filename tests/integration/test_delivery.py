@@ -272,6 +272,26 @@ def test_broker_restart_loses_nothing_and_the_service_recovers(own_broker, echo_
 
 
 # -- SIGTERM while the broker has stopped answering ----------------------------------------------------
+def generating_a_batch(
+    echo_service, bootstrap: str, topics: Topics, prefix: str, shutdown_timeout: int, delay_ms: int, guarantee: str = ""
+) -> tuple[ServiceRunner, list[str]]:
+    """Eight events on one partition and an echo service generating its first batch of four (`delay_ms` each)."""
+    ids = [f"{prefix}-{index}" for index in range(8)]
+    produce(bootstrap, topics.input, [event(event_id) for event_id in ids])
+    env = {"PROCESSING_GUARANTEE": guarantee} if guarantee else {}
+    runner = echo_service(
+        bootstrap,
+        topics,
+        ECHO_DELAY_MS=str(delay_ms),
+        BATCH_SIZE="4",
+        BATCH_MAX_WAIT_MS="500",
+        SHUTDOWN_TIMEOUT=str(shutdown_timeout),
+        **env,
+    ).start()
+    wait_for(lambda: "generating a batch of" in runner.full_log(), 30, "a batch to start", runner.log())
+    return runner, ids
+
+
 @pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
 def test_sigterm_with_the_broker_frozen_exits_by_the_shutdown_timeout(own_broker, echo_service, request, guarantee):
     """An orchestrator's grace period is sized to SHUTDOWN_TIMEOUT: a replica whose broker stopped answering
@@ -279,19 +299,8 @@ def test_sigterm_with_the_broker_frozen_exits_by_the_shutdown_timeout(own_broker
     every event once the broker is back."""
     bootstrap = own_broker.bootstrap_servers
     topics = create_test_topics(bootstrap, request.node.name, partitions=1)
-    ids = [f"frozen-{index}" for index in range(8)]
-    produce(bootstrap, topics.input, [event(event_id) for event_id in ids])
     shutdown_timeout = 10
-    runner = echo_service(
-        bootstrap,
-        topics,
-        PROCESSING_GUARANTEE=guarantee,
-        ECHO_DELAY_MS="2000",
-        BATCH_SIZE="4",
-        BATCH_MAX_WAIT_MS="500",
-        SHUTDOWN_TIMEOUT=str(shutdown_timeout),
-    ).start()
-    wait_for(lambda: "generating a batch of" in runner.full_log(), 30, "a batch to start", runner.log())
+    runner, ids = generating_a_batch(echo_service, bootstrap, topics, "frozen", shutdown_timeout, 2000, guarantee)
     own_broker.process.send_signal(signal.SIGSTOP)
     try:
         runner.signal(signal.SIGTERM)
@@ -314,18 +323,8 @@ def test_sigterm_with_the_broker_frozen_exits_by_the_shutdown_timeout(own_broker
 # -- SIGTERM while a batch is generating -----------------------------------------------------------------
 def test_sigterm_mid_batch_publishes_commits_and_exits_zero(kafka_bootstrap, echo_service, request):
     topics = create_test_topics(kafka_bootstrap, request.node.name, partitions=1)
-    ids = [f"term-{index}" for index in range(8)]
-    produce(kafka_bootstrap, topics.input, [event(event_id) for event_id in ids])
     shutdown_timeout = 20
-    runner = echo_service(
-        kafka_bootstrap,
-        topics,
-        ECHO_DELAY_MS="3000",
-        BATCH_SIZE="4",
-        BATCH_MAX_WAIT_MS="500",
-        SHUTDOWN_TIMEOUT=str(shutdown_timeout),
-    ).start()
-    wait_for(lambda: "generating a batch of" in runner.full_log(), 30, "a batch to start", runner.log())
+    runner, ids = generating_a_batch(echo_service, kafka_bootstrap, topics, "term", shutdown_timeout, 3000)
     runner.signal(signal.SIGTERM)
     assert runner.wait(shutdown_timeout) == 0, runner.log()
 

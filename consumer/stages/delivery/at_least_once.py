@@ -7,9 +7,9 @@ is done (`OffsetTracker`), asynchronously and often. Before partitions go (a rev
 shutdown) it commits once more and waits for the answer, sending again every point the broker has not
 acknowledged: an asynchronous commit queued behind a rebalance is refused late, for its stale
 generation, and must not count as done. The shutdown waits for those answers only until its deadline,
-and the revocation that leaving the group brings after it waits for nothing more: a broker that stopped
-answering (up to socket.timeout.ms for a synchronous commit) does not hold the process past
-SHUTDOWN_TIMEOUT. A record the producer cannot deliver within
+and a revocation while shutting down (a rebalance, or leaving the group at the end) waits at most for
+what is left of it: a broker that stopped answering (up to socket.timeout.ms for a synchronous commit)
+does not hold the process past SHUTDOWN_TIMEOUT. A record the producer cannot deliver within
 `message.timeout.ms` is fatal: the service stops without committing its input, and another member
 redoes it.
 """
@@ -148,13 +148,14 @@ class AtLeastOnce(DeliveryBase):
     @contextmanager
     def revoking(self, tps: list[TopicPartitionKey], broker_ok: bool, lost: bool = False) -> Iterator[None]:
         if not self.latch.tripped() and not lost:
-            if self._shutdown_deadline is None:
-                self.producer.flush(REVOKE_FLUSH_S)  # results already produced get acknowledged...
+            wait = REVOKE_FLUSH_S
+            if self._shutdown_deadline is not None:  # shutting down: only what is left of SHUTDOWN_TIMEOUT
+                wait = min(wait, self._shutdown_deadline - time.monotonic())
+            if wait > 0:
+                self.producer.flush(wait)  # results already produced get acknowledged...
                 self.commit(tps, wait=broker_ok)  # ...and their inputs committed before the partitions go
             else:
-                # Leaving the group after `join`, which already waited as long as the shutdown allows.
-                self.producer.flush(max(0.0, min(REVOKE_FLUSH_S, self._shutdown_deadline - time.monotonic())))
-                self.commit(tps)
+                self.commit(tps)  # past the shutdown's deadline (leaving the group after `join`): sent, not waited for
         yield
 
     def join(self, timeout: float, between: Callable[[], None] | None = None) -> bool:

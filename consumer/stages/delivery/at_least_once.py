@@ -178,12 +178,13 @@ class AtLeastOnce(DeliveryBase):
                 return False
             if not self.tracker.commit_points(unacknowledged=True):
                 return unsent == 0  # everything acknowledged is committed
+            # Sends what is done and not yet sent, even at the deadline (a flush that took all of it still
+            # leaves the acknowledged part to commit); a point refused meanwhile (most often by a rebalance
+            # under way: the request waited behind it and carried the old generation) counts as unsent again.
+            self.commit()
             if time.monotonic() >= deadline:
                 logger.warning("the last offsets were not committed before the shutdown deadline")
                 return False
-            # Sends what is done and not yet sent; a point refused meanwhile (most often by a rebalance under
-            # way: the request waited behind it and carried the old generation) counts as unsent again.
-            self.commit()
             (between or self._serve_callbacks)()
 
     def _serve_callbacks(self) -> None:

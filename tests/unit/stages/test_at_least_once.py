@@ -249,6 +249,16 @@ def test_join_reports_unacknowledged_work_and_commits_only_below_it(rig, monkeyp
     assert r.consumer.committed_offsets == {TP: 11}
 
 
+def test_join_out_of_time_still_sends_the_commit_of_what_was_acknowledged(rig, monkeypatch):
+    """A flush that took the whole deadline (here: none was left) leaves the acknowledged part to commit."""
+    monkeypatch.setattr(at_least_once, "COMMIT_INTERVAL_S", 3600.0)
+    r = rig()
+    r.producer.hold = lambda message: message.key() == b"k11"
+    r.publish([10, 11, 12])
+    assert r.delivery.join(0) is False
+    assert r.consumer.commits == [{TP: 11}]
+
+
 def test_join_commits_nothing_while_the_broker_is_unreachable(rig):
     r = rig()
     r.state.broker_ok = False

@@ -50,6 +50,8 @@ if TYPE_CHECKING:
     from consumer.result_cache.step import ResultStep
 
 logger = logging.getLogger(__name__)
+LEAVE_GROUP_S = 6.0
+"""How long a shutdown waits for the consumer to close: librdkafka gives its LeaveGroup request 5 s."""
 
 
 class Pipeline:
@@ -197,11 +199,26 @@ class Pipeline:
         )
         if self.latch.tripped():
             return self._abort()
-        self.consumer.close()  # leaves the group now, so the partitions move without a session timeout
+        left_group = self._leave_group()
         self.resolve.close()
-        clean = finished and published
+        clean = finished and published and left_group
         logger.info("shutdown %s", "clean" if clean else "incomplete: unfinished work is left for the group")
         return ExitCode.CLEAN if clean else ExitCode.UNFINISHED
+
+    def _leave_group(self) -> bool:
+        """Close the consumer: it leaves the group now, so the partitions move without a session timeout.
+
+        librdkafka's close waits for requests still in flight, an offset commit's for up to
+        socket.timeout.ms when the broker stopped answering; the shutdown waits LEAVE_GROUP_S for it,
+        then goes on without it (the close keeps running in its own thread until the process ends).
+        """
+        closing = threading.Thread(target=self.consumer.close, name="leave-group", daemon=True)
+        closing.start()
+        closing.join(LEAVE_GROUP_S)
+        if closing.is_alive():
+            logger.warning("leaving the group took over %.0f s (broker not answering): exit without it", LEAVE_GROUP_S)
+            return False
+        return True
 
     def _abort(self) -> int:
         self._stop.set()

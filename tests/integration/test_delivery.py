@@ -12,6 +12,7 @@ import random
 import re
 import shutil
 import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -305,7 +306,10 @@ def test_sigterm_with_the_broker_frozen_exits_by_the_shutdown_timeout(own_broker
     try:
         runner.signal(signal.SIGTERM)
         started = time.monotonic()
-        status = runner.wait(shutdown_timeout + 60)
+        try:
+            status = runner.wait(shutdown_timeout + 60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running {shutdown_timeout + 60} s after SIGTERM:\n{runner.log()}")
         took = time.monotonic() - started
     finally:
         own_broker.process.send_signal(signal.SIGCONT)

@@ -40,8 +40,6 @@ class AtLeastOnce(DeliveryBase):
     """Produce with delivery callbacks; the poll thread commits what the broker acknowledged."""
 
     _last_commit = 0.0
-    _shutdown_deadline: float | None = None
-    """Set by `join`: the monotonic time after which nothing more is waited for."""
 
     def start(self, stopping: threading.Event) -> None:
         return None
@@ -148,9 +146,7 @@ class AtLeastOnce(DeliveryBase):
     @contextmanager
     def revoking(self, tps: list[TopicPartitionKey], broker_ok: bool, lost: bool = False) -> Iterator[None]:
         if not self.latch.tripped() and not lost:
-            wait = REVOKE_FLUSH_S
-            if self._shutdown_deadline is not None:  # shutting down: only what is left of SHUTDOWN_TIMEOUT
-                wait = min(wait, self._shutdown_deadline - time.monotonic())
+            wait = self._revocation_wait(REVOKE_FLUSH_S)
             if wait > 0:
                 self.producer.flush(wait)  # results already produced get acknowledged...
                 self.commit(tps, wait=broker_ok)  # ...and their inputs committed before the partitions go

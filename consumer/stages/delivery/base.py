@@ -83,6 +83,14 @@ class DeliveryBase:
     ) -> None:
         self.producer, self.consumer, self.tracker, self.metrics = producer, consumer, tracker, metrics
         self.latch, self.state = latch, state
+        self._shutdown_deadline: float | None = None
+        """Set by `join`: the monotonic time after which the shutdown waits for nothing more."""
+
+    def _revocation_wait(self, limit: float) -> float:
+        """Seconds a revocation may wait: `limit`, and while shutting down no more than what is left of it."""
+        if self._shutdown_deadline is None:
+            return limit
+        return min(limit, max(self._shutdown_deadline - time.monotonic(), 0.0))
 
     def close(self) -> None:
         return None

@@ -55,7 +55,6 @@ class ExactlyOnce(DeliveryBase):
         super().__init__(*args, **kwargs)
         self.revoke_timeout = revoke_timeout
         """REVOKE_TIMEOUT: how long a revocation waits for the transaction in progress to end."""
-        self._shutdown_deadline: float | None = None
         self._transaction = threading.Lock()
         self._rewinds_lock = threading.Lock()
         self._rewinds: dict[TopicPartitionKey, int | None] = {}
@@ -250,9 +249,7 @@ class ExactlyOnce(DeliveryBase):
         # sent its offsets yet; a lost member's metadata is refused, so its transaction aborts), and
         # no later one can carry a revoked partition.
         self.rebalanced()
-        wait = self.revoke_timeout
-        if self._shutdown_deadline is not None:  # shutting down: within what is left of SHUTDOWN_TIMEOUT
-            wait = min(wait, max(self._shutdown_deadline - time.monotonic(), 0.0))
+        wait = self._revocation_wait(self.revoke_timeout)
         acquired = self._transaction.acquire(timeout=wait)
         if not acquired:
             # The open transaction aborts itself before committing once it sees a partition revoked

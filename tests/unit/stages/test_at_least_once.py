@@ -240,11 +240,17 @@ def test_join_publishes_what_is_queued_and_commits_it(rig, monkeypatch):
     assert len(r.producer) == 0 and r.consumer.committed_offsets == {TP: 12}
 
 
-def test_join_reports_unacknowledged_work_and_commits_only_below_it(rig, monkeypatch):
-    monkeypatch.setattr(at_least_once, "COMMIT_INTERVAL_S", 3600.0)
+def eleven_held(rig) -> Rig:
+    """Results for offsets 10-12 published; the broker acknowledges 10 and 12, never 11."""
     r = rig()
     r.producer.hold = lambda message: message.key() == b"k11"
     r.publish([10, 11, 12])
+    return r
+
+
+def test_join_reports_unacknowledged_work_and_commits_only_below_it(rig, monkeypatch):
+    monkeypatch.setattr(at_least_once, "COMMIT_INTERVAL_S", 3600.0)
+    r = eleven_held(rig)
     assert r.delivery.join(1) is False
     assert r.consumer.committed_offsets == {TP: 11}
 
@@ -252,9 +258,7 @@ def test_join_reports_unacknowledged_work_and_commits_only_below_it(rig, monkeyp
 def test_join_out_of_time_still_sends_the_commit_of_what_was_acknowledged(rig, monkeypatch):
     """A flush that took the whole deadline (here: none was left) leaves the acknowledged part to commit."""
     monkeypatch.setattr(at_least_once, "COMMIT_INTERVAL_S", 3600.0)
-    r = rig()
-    r.producer.hold = lambda message: message.key() == b"k11"
-    r.publish([10, 11, 12])
+    r = eleven_held(rig)
     assert r.delivery.join(0) is False
     assert r.consumer.commits == [{TP: 11}]
 
